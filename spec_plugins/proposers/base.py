@@ -1,0 +1,103 @@
+"""The proposer interface every drafting method implements, whatever the engine.
+
+An engine adapter (``spec_plugins.vllm``, ``spec_plugins.sglang``) owns the batch; once
+per decoding step it hands the proposer one :class:`DraftRequest` per running request
+and gets back one :class:`~spec_plugins.tree.DraftTree` per request (empty = do not
+speculate for it this step). The proposer never sees engine objects, so the same class
+serves vLLM's model runner and SGLang's speculative worker.
+
+What a method may need, declared in :attr:`Proposer.needs`, and what the adapter then
+supplies through :class:`StepContext`:
+
+- nothing (model-free drafters: suffix trees, n-grams, token recycling): token ids only;
+- ``"target_logits"``: the target's logits at the positions sampled in the last step
+  (``StepContext.target_logits[i]`` for request ``i``), e.g. to keep a successor table;
+- ``"hidden_states"``: the target's last hidden states at those positions (EAGLE-style
+  heads, diffusion drafters conditioned on the target);
+- ``"target_model"``: a :class:`TargetModel` handle that runs the target's own layers
+  over draft tokens with a KV cache the adapter keeps separate from the target's
+  (layer-skip self-speculation: SWIFT, DEL).
+
+Life cycle: ``propose`` is called every step for the running requests; a request seen
+for the first time is new; :meth:`Proposer.finish` is called once when a request leaves
+the engine (finished, aborted, or preempted: it may come back later with the same id
+and must then be treated as new). ``DraftRequest.num_accepted`` tells the proposer how
+many tokens of its previous draft the verifier accepted, which is all an adaptive
+controller needs. ``DraftRequest.isolated`` asks for drafts that depend on the request's
+own tokens alone (no cross-request caches).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from spec_plugins.tree import DraftTree
+
+
+@dataclass
+class DraftRequest:
+    req_id: str
+    # Prompt followed by every token generated so far, including ``new_tokens``.
+    token_ids: np.ndarray
+    num_prompt_tokens: int
+    # Tokens committed in the last step (accepted draft tokens + the bonus token);
+    # for a new request, its first sampled token.
+    new_tokens: Sequence[int]
+    # Most draft nodes the engine accepts for this request in this step.
+    max_draft_tokens: int
+    # Draft tokens of the previous step that were accepted (None: no previous draft).
+    num_accepted: int | None = None
+    # Draft from this request's own tokens only. Set for seeded sampling: the verifier
+    # draws its random numbers per draft, so drafts that depend on other requests would
+    # make a seeded request's output depend on what else the server has served.
+    isolated: bool = False
+
+
+class TargetModel(Protocol):
+    """Handle on the target model for self-speculative methods (layer skip)."""
+
+    num_layers: int
+
+    def draft_forward(self, req_ids: Sequence[str], token_ids: Sequence[int],
+                      positions: Sequence[int], layers: Sequence[int]) -> Any:
+        """Run ``layers`` of the target (plus final norm and LM head) over one token per
+        request and return ``[len(req_ids), vocab]`` logits, writing only draft KV."""
+
+
+@dataclass
+class StepContext:
+    target_logits: Any | None = None   # per request, [vocab] (engine tensor or ndarray)
+    hidden_states: Any | None = None   # per request, [hidden]
+    target_model: TargetModel | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Proposer(ABC):
+    #: Method name users select (``spec_plugins.vllm.<Class>`` maps to it).
+    name: ClassVar[str]
+    #: Subset of {"target_logits", "hidden_states", "target_model"}.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``propose`` may return trees with branches (else chains only).
+    makes_trees: ClassVar[bool] = False
+
+    #: The method's options dataclass (see ``spec_plugins.options``), if it has options.
+    Options: ClassVar[type | None] = None
+
+    def __init__(self, options: Any = None):
+        """``options``: a parsed ``Options`` instance or a mapping to validate."""
+        if self.Options is None or isinstance(options, self.Options):
+            self.options = options
+        else:
+            self.options = self.Options.parse(options or {})
+
+    @abstractmethod
+    def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
+        """One tree per request, in the order given, each of at most
+        ``max_draft_tokens`` nodes."""
+
+    def finish(self, req_id: str) -> None:
+        """The request left the engine; drop per-request state (or keep it for reuse)."""

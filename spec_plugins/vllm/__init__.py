@@ -1,0 +1,49 @@
+"""vLLM adapter.
+
+Users select a method with vLLM's own flags::
+
+    vllm serve MODEL --speculative-config '{"model": "spec_plugins.vllm.suffix",
+                                            "num_speculative_tokens": 8}' \
+                     --additional-config '{"spec_plugins": {"min_token_prob": 0.1}}'
+
+``model`` names ``spec_plugins.vllm.<method>`` (vLLM's ``custom_class`` proposer path);
+``num_speculative_tokens`` caps the draft per step; method options travel in
+``--additional-config`` under ``"spec_plugins"`` (vLLM's ``SpeculativeConfig`` forbids
+unknown keys). :func:`register` is the ``vllm.general_plugins`` entry point.
+"""
+
+from __future__ import annotations
+
+from spec_plugins.proposers import METHODS
+
+PREFIX = "spec_plugins.vllm."
+
+_registered: bool | None = None
+
+
+def register() -> None:
+    """Entry point: runs in every vLLM process, so it is idempotent and cheap. On an
+    unsupported vLLM it registers nothing and logs why, once per process."""
+    global _registered
+    if _registered is not None:
+        return
+    from spec_plugins.vllm.version import logger, unsupported_reason
+
+    reason = unsupported_reason()
+    if reason is not None:
+        _registered = False
+        logger.warning(reason)
+        return
+    from spec_plugins.vllm import patches
+
+    patches.install_frontend_patches()
+    _registered = True
+
+
+def __getattr__(name: str):
+    # ``spec_plugins.vllm.<method>`` is the class vLLM's custom_class loader builds.
+    if name in METHODS:
+        from spec_plugins.vllm.drafter import drafter_class
+
+        return drafter_class(name)
+    raise AttributeError(f"module 'spec_plugins.vllm' has no attribute {name!r}")

@@ -1,0 +1,124 @@
+"""The drafter vLLM's model runner builds for ``spec_plugins.vllm.<method>``.
+
+It translates the runner's batch (rows of ``InputBatch``) into core
+:class:`~spec_plugins.proposers.base.DraftRequest` objects, calls the method's proposer
+and hands vLLM back token chains. vLLM then verifies them with its own rejection
+sampler, which for chains from a deterministic drafter is the lossless verifier of
+``spec_plugins.verify`` (greedy: longest prefix equal to the target argmax; sampling:
+accept with p(x), resample from the residual), and counts them in ``vllm:spec_decode_*``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from spec_plugins.proposers import proposer_class
+from spec_plugins.proposers.base import DraftRequest, StepContext
+from spec_plugins.vllm.config import settings_from
+from spec_plugins.vllm.version import logger
+
+
+class VllmDrafter:
+    method: str = ""
+
+    def __init__(self, vllm_config):
+        from spec_plugins.vllm import patches
+
+        patches.install_runner_hook()  # raises on an unsupported vLLM
+        settings = settings_from(vllm_config)
+        assert settings is not None and settings.method == self.method
+        self.k = settings.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.proposer = proposer_class(self.method)(settings.options)
+        if self.proposer.needs:
+            raise NotImplementedError(
+                f"spec_plugins method {self.method!r} needs {sorted(self.proposer.needs)}, "
+                "which the vLLM adapter does not supply yet")
+        self._active: set[str] = set()
+        self._last_len: dict[str, int] = {}
+        self._no_draft: dict[str, str | None] = {}
+        self._isolated: dict[str, bool] = {}
+        self._logged_reasons: set[str] = set()
+        logger.info("spec_plugins: method %s, up to %d draft tokens per step, options %s",
+                    self.method, self.k, settings.options)
+
+    # custom_class protocol -------------------------------------------------
+    def load_model(self, *args, **kwargs) -> None:
+        pass  # model-free methods; model-based ones will bind the target here
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError("spec_plugins drafters are driven through the runner hook "
+                           "(spec_plugins.vllm.patches); it was not installed")
+
+    # driven by patches.install_runner_hook ---------------------------------
+    def _classify(self, runner, req_id: str) -> str | None:
+        """Read a new request's sampling parameters once: return why it must not be
+        drafted for (options our drafts cannot honour), and note whether it is seeded."""
+        if req_id not in self._no_draft:
+            state = runner.requests.get(req_id)
+            sp = getattr(state, "sampling_params", None)
+            self._isolated[req_id] = bool(sp is not None and sp.seed is not None
+                                          and sp.temperature > 0)
+            reason = None
+            if sp is not None and sp.min_p and sp.min_p > 0:
+                reason = "min_p"
+            elif sp is not None and sp.logit_bias:
+                reason = "logit_bias"
+            self._no_draft[req_id] = reason
+            if reason and reason not in self._logged_reasons:
+                self._logged_reasons.add(reason)
+                logger.info("spec_plugins: requests with %s are served without speculation "
+                            "(vLLM's rejection sampler does not apply it to draft tokens)", reason)
+        return self._no_draft[req_id]
+
+    def propose_for_runner(self, runner, scheduler_output, sampled_token_ids) -> list[list[int]]:
+        batch = runner.input_batch
+        k = getattr(scheduler_output, "num_spec_tokens_to_schedule", 0) or self.k
+        k = min(k, self.k)
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        requests, rows = [], []
+        seen = set()
+        for i, sampled in enumerate(sampled_token_ids):
+            req_id = batch.req_ids[i]
+            seen.add(req_id)
+            if not sampled:
+                continue  # partial prefill: nothing committed yet
+            n = int(batch.num_tokens_no_spec[i])
+            room = min(k, self.max_model_len - n - 1)
+            if room <= 0 or self._classify(runner, req_id):
+                continue
+            last = self._last_len.get(req_id)
+            requests.append(DraftRequest(
+                req_id=req_id,
+                token_ids=batch.token_ids_cpu[i, :n],
+                num_prompt_tokens=int(batch.num_prompt_tokens[i]),
+                new_tokens=sampled,
+                max_draft_tokens=room,
+                num_accepted=None if not last else len(sampled) - 1,
+                isolated=self._isolated[req_id],
+            ))
+            rows.append(i)
+        for req_id in self._active - seen:
+            self._finish(req_id)
+        self._active = seen
+        if requests:
+            for i, req, tree in zip(rows, requests, self.proposer.propose(requests, StepContext())):
+                if not tree.is_chain:
+                    raise RuntimeError(f"spec_plugins method {self.method!r} returned a tree; "
+                                       "the vLLM adapter verifies chains only")
+                drafts[i] = tree.tokens[:req.max_draft_tokens]
+        for i, req_id in enumerate(batch.req_ids[:len(drafts)]):
+            self._last_len[req_id] = len(drafts[i])
+        return drafts
+
+    def _finish(self, req_id: str) -> None:
+        self.proposer.finish(req_id)
+        self._last_len.pop(req_id, None)
+        self._no_draft.pop(req_id, None)
+        self._isolated.pop(req_id, None)
+
+
+@functools.cache
+def drafter_class(method: str) -> type[VllmDrafter]:
+    return type(method, (VllmDrafter,), {"method": method, "__module__": __name__,
+                                         "__qualname__": method})

@@ -1,0 +1,83 @@
+"""Every change spec_plugins makes to vLLM's own code, in one module.
+
+vLLM 0.32 has no hook for what the adapter needs in three places, so each is wrapped
+here, once, and only on the versions ``version.SUPPORTED`` lists:
+
+1. ``VllmConfig.__post_init__``: validate spec_plugins settings where the config is
+   built (the API server), so a bad method or option fails ``vllm serve`` at start-up
+   with a message naming the field, not later inside the engine process.
+2. ``SamplingParams._validate_spec_decode``: vLLM rejects ``min_p`` and ``logit_bias``
+   whenever speculation is on, because its rejection sampler does not apply them to
+   draft positions. With a spec_plugins method such requests are served instead, just
+   never drafted for (their tokens come from vLLM's ordinary sampler).
+3. ``GPUModelRunner.propose_draft_token_ids``: the ``custom_class`` interface passes
+   neither request ids nor sampling parameters; our drafter gets the runner instead.
+
+Every wrapper falls through to vLLM's original unless the speculative config selects a
+spec_plugins method, so installing the package changes nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from spec_plugins.vllm.version import logger, unsupported_reason
+
+_MARK = "_spec_plugins_wrapped"
+
+
+def _wrap(owner, name: str, make):
+    orig = getattr(owner, name)
+    if getattr(orig, _MARK, False):
+        return
+    new = functools.wraps(orig)(make(orig))
+    setattr(new, _MARK, True)
+    setattr(owner, name, new)
+
+
+def _require_supported() -> None:
+    reason = unsupported_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def install_frontend_patches() -> None:
+    _require_supported()
+    from vllm.config import VllmConfig
+    from vllm.sampling_params import SamplingParams
+
+    from spec_plugins.vllm.config import is_ours, settings_from
+
+    def make_post_init(orig):
+        def __post_init__(self, *args, **kwargs):
+            orig(self, *args, **kwargs)
+            settings_from(self)  # raises OptionError on a bad configuration
+        return __post_init__
+
+    def make_validate(orig):
+        def _validate_spec_decode(self, speculative_config):
+            if speculative_config is not None and is_ours(speculative_config):
+                return  # served without drafts for such requests: see drafter.py
+            return orig(self, speculative_config)
+        return _validate_spec_decode
+
+    _wrap(VllmConfig, "__post_init__", make_post_init)
+    _wrap(SamplingParams, "_validate_spec_decode", make_validate)
+
+
+def install_runner_hook() -> None:
+    _require_supported()
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from spec_plugins.vllm.drafter import VllmDrafter
+
+    def make(orig):
+        def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, VllmDrafter):
+                return drafter.propose_for_runner(self, scheduler_output, sampled_token_ids)
+            return orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        return propose_draft_token_ids
+
+    _wrap(GPUModelRunner, "propose_draft_token_ids", make)
+    logger.debug("spec_plugins: runner hook installed")

@@ -1,0 +1,106 @@
+"""The vLLM adapter against real vLLM config and sampling objects (no server)."""
+
+import logging
+
+import pytest
+
+from spec_plugins.options import OptionError
+
+SUFFIX = {"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin():
+    import spec_plugins.vllm as adapter
+
+    adapter.register()
+    assert adapter._registered is True
+    yield adapter
+
+
+def engine_config(model, spec=None, additional=None):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, skip_tokenizer_init=True, dtype="float32",
+                      max_model_len=256, speculative_config=spec,
+                      additional_config=additional or {}).create_engine_config()
+
+
+def test_our_method_is_validated_when_vllm_builds_its_config(tiny_model):
+    from spec_plugins.vllm.config import settings_from
+
+    cfg = engine_config(tiny_model, SUFFIX, {"spec_plugins": {"min_token_prob": 0.3}})
+    assert cfg.speculative_config.method == "custom_class"
+    s = settings_from(cfg)
+    assert s.method == "suffix" and s.options.min_token_prob == 0.3
+    assert s.num_speculative_tokens == 4
+
+
+@pytest.mark.parametrize("spec,additional,msg", [
+    ({"model": "spec_plugins.vllm.nope", "num_speculative_tokens": 4}, None,
+     "allowed values: spec_plugins.vllm.suffix"),
+    (SUFFIX, {"spec_plugins": {"max_depth": 1}}, r"max_depth=1 is out of range \[2, 256\]"),
+    (SUFFIX, {"spec_plugins": {"colour": 1}}, "unknown option additional_config.spec_plugins.colour"),
+    (None, {"spec_plugins": {"max_depth": 8}}, "does not select a spec_plugins method"),
+])
+def test_bad_settings_fail_config_construction(tiny_model, spec, additional, msg):
+    with pytest.raises(Exception, match=msg) as e:
+        engine_config(tiny_model, spec, additional)
+    # pydantic may wrap our error; the message must survive either way
+    assert isinstance(e.value, (OptionError, ValueError))
+
+
+def test_other_speculative_methods_are_untouched(tiny_model):
+    cfg = engine_config(tiny_model, {"method": "ngram", "num_speculative_tokens": 3,
+                                     "prompt_lookup_max": 3})
+    assert cfg.speculative_config.method == "ngram"
+
+
+def test_min_p_is_accepted_only_with_our_methods(tiny_model):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    ours = engine_config(tiny_model, SUFFIX).speculative_config
+    ngram = engine_config(tiny_model, {"method": "ngram", "num_speculative_tokens": 3,
+                                       "prompt_lookup_max": 3}).speculative_config
+    sp = SamplingParams(min_p=0.1, logit_bias={3: 1.0})
+    sp._validate_spec_decode(ours)  # served without drafts: no error
+    with pytest.raises(VLLMValidationError, match="min_p and logit_bias"):
+        sp._validate_spec_decode(ngram)
+
+
+def test_patches_are_idempotent():
+    from vllm.config import VllmConfig
+
+    from spec_plugins.vllm import patches
+
+    before = VllmConfig.__post_init__
+    patches.install_frontend_patches()
+    assert VllmConfig.__post_init__ is before
+
+
+def test_unsupported_version_registers_nothing(monkeypatch, caplog):
+    import spec_plugins.vllm as adapter
+    from spec_plugins.vllm import version
+
+    monkeypatch.setattr(version, "vllm_version", lambda: "0.99.1")
+    monkeypatch.setattr(adapter, "_registered", None)
+    with caplog.at_level(logging.WARNING, logger="vllm.spec_plugins"):
+        adapter.register()
+        adapter.register()
+    assert adapter._registered is False
+    lines = [r.getMessage() for r in caplog.records if "not supported" in r.getMessage()]
+    assert len(lines) == 1 and "0.32.x on cpu" in lines[0]
+    with pytest.raises(RuntimeError, match="not supported"):
+        from spec_plugins.vllm import patches
+
+        patches.install_runner_hook()
+
+
+def test_method_classes_resolve_like_vllm_loads_them():
+    import importlib
+
+    mod = importlib.import_module("spec_plugins.vllm")
+    cls = getattr(mod, "suffix")
+    assert cls.method == "suffix" and hasattr(cls, "load_model") and hasattr(cls, "propose")
+    assert getattr(mod, "nope", None) is None
