@@ -1,7 +1,8 @@
 """Benchmark: stock `vllm serve` without speculation, with vLLM's own `ngram`, and with
 each spec_plugins method, on the same prompts, greedy, at batch 1 and 8 concurrent.
 
-Configurations run one after another in one invocation (the machine is noisy: compare
+Each concurrency level gets its own prompts (so cross-request caches are not measured
+on repeats). Configurations run one after another in one invocation (the machine is noisy: compare
 ratios from the same run). Per configuration, category and concurrency it reports
 output tok/s, speedup over vanilla, mean acceptance length (1 + accepted / drafts, from
 vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vanilla's.
@@ -47,10 +48,13 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
     log = str(Path(log_dir) / f"{name}.log") if log_dir else None
     with vllm_server(model, spec, extra, log_path=log) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200)
-        one(client, prompts("chat", 1)[0], 16)  # warm-up
+        # Warm-up on a prompt outside the measured ones.
+        one(client, [{"role": "user", "content": "Hello!"}], 16)
         for cat in cats:
-            convs = prompts(cat, n)
-            for conc in concurrencies:
+            for j, conc in enumerate(concurrencies):
+                # Each concurrency gets its own prompts: a method with a cross-request
+                # cache must not be measured on outputs it has just served.
+                convs = prompts(cat, n, start=j * n)
                 m0 = spec_metrics(url)
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(conc) as pool:

@@ -32,6 +32,14 @@ CHAT = [
     "Summarise the causes of the French Revolution in a few sentences.",
     "How does a hash table work?",
     "Write a haiku about autumn.",
+    "What should I pack for a week-long hiking trip?",
+    "Explain photosynthesis in simple terms.",
+    "Write a polite email asking my manager for a day off.",
+    "What are the pros and cons of electric cars?",
+    "Describe how a bill becomes a law.",
+    "Give me five ideas for a birthday party.",
+    "Why do cats purr?",
+    "Explain what a neural network is to a beginner.",
 ]
 
 
@@ -44,22 +52,23 @@ def humaneval() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def prompts(category: str, n: int) -> list[list[dict]]:
-    """``n`` chat conversations (OpenAI message lists) of ``category``."""
+def prompts(category: str, n: int, start: int = 0) -> list[list[dict]]:
+    """``n`` chat conversations (OpenAI message lists) of ``category``, from the
+    ``start``-th on (disjoint ranges give distinct prompts, up to the set's size)."""
     if category == "humaneval":
-        items = humaneval()[:n]
+        items = humaneval()[start:start + n]
         return [[{"role": "user", "content": "Complete this Python function.\n\n```python\n"
                   + it["prompt"] + "```"}] for it in items]
     if category == "code_edit":
         items = humaneval()
         out = []
-        for i in range(n):
+        for i in range(start, start + n):
             it = items[(i * 7) % len(items)]
             code = it["prompt"] + it["canonical_solution"]
             out.append([{"role": "user", "content": f"{EDITS[i % len(EDITS)]}\n\n```python\n{code}```"}])
         return out
     if category == "chat":
-        return [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(n)]
+        return [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(start, start + n)]
     raise ValueError(f"unknown prompt category {category!r}; allowed: humaneval, code_edit, chat")
 
 

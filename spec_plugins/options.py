@@ -24,6 +24,12 @@ def opt(default: Any, *, lo: float | None = None, hi: float | None = None,
         "lo": lo, "hi": hi, "choices": choices, "help": help})
 
 
+def _bounds(m) -> str:
+    lo = "-inf" if m.get("lo") is None else m["lo"]
+    hi = "inf" if m.get("hi") is None else m["hi"]
+    return f"[{lo}, {hi}]"
+
+
 def describe(cls: type) -> str:
     parts = []
     for f in dataclasses.fields(cls):
@@ -32,7 +38,7 @@ def describe(cls: type) -> str:
         if m.get("choices"):
             rng = " one of " + ", ".join(repr(c) for c in m["choices"])
         elif m.get("lo") is not None or m.get("hi") is not None:
-            rng = f" in [{m.get('lo', '-inf')}, {m.get('hi', 'inf')}]"
+            rng = f" in {_bounds(m)}"
         parts.append(f"{f.name} ({f.type}{rng}, default {f.default!r})")
     return "; ".join(parts)
 
@@ -61,7 +67,6 @@ def parse_options(cls: type[T], values: Mapping[str, Any], where: str) -> T:
             raise OptionError(f"{where}.{name}={value!r} is not allowed; "
                               f"allowed values: {', '.join(repr(c) for c in m['choices'])}")
         if m.get("lo") is not None and value < m["lo"] or m.get("hi") is not None and value > m["hi"]:
-            raise OptionError(f"{where}.{name}={value!r} is out of range "
-                              f"[{m.get('lo')}, {m.get('hi')}]")
+            raise OptionError(f"{where}.{name}={value!r} is out of range {_bounds(m)}")
         kwargs[name] = value
     return cls(**kwargs)
