@@ -24,9 +24,10 @@ CONVERSATIONS = prompts("code_edit", 4) + prompts("humaneval", 2) + prompts("cha
 
 def complete(url, messages, **kw):
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
+    extra = {"return_token_ids": True, **kw.pop("extra_body", {})}
     r = client.chat.completions.create(model="default", messages=messages,
                                        max_tokens=kw.pop("max_tokens", MAX_TOKENS),
-                                       extra_body={"return_token_ids": True}, **kw)
+                                       extra_body=extra, **kw)
     choice = r.choices[0]
     return list(choice.token_ids or []) or choice.message.content
 
@@ -38,10 +39,18 @@ def run_all(url, **kw):
     return batch1, batch8
 
 
+def banned_token(tokens):
+    """The most frequent token of an output: banning it changes the output early."""
+    return max(set(tokens), key=tokens.count)
+
+
 @pytest.fixture(scope="module")
 def vanilla(default_model):
     with vllm_server(default_model) as url:
-        yield run_all(url)
+        batch1, batch8 = run_all(url)
+        ban = banned_token(batch1[0])
+        biased = complete(url, CONVERSATIONS[0], temperature=0, logit_bias={str(ban): -100})
+        yield batch1, batch8, biased
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +84,13 @@ def test_seeded_sampling_is_reproducible(suffix_server):
 
 def test_min_p_and_logit_bias_are_served_without_speculation(suffix_server, vanilla):
     # Stock vLLM rejects these with speculation on; spec_plugins serves them undrafted.
-    # A greedy request with min_p gives the same tokens as the vanilla greedy run.
-    out = complete(suffix_server, CONVERSATIONS[0], temperature=0, min_p=0.05)
+    out = complete(suffix_server, CONVERSATIONS[0], temperature=0, extra_body={"min_p": 0.05})
     assert out == vanilla[0][0]
-    biased = complete(suffix_server, CONVERSATIONS[0], temperature=0, max_tokens=8,
-                      logit_bias={"28": 100})
-    assert biased == [28] * 8
+    # Drafts verified without the bias would let the banned token back in.
+    ban = banned_token(vanilla[0][0])
+    biased = complete(suffix_server, CONVERSATIONS[0], temperature=0, logit_bias={str(ban): -100})
+    assert ban not in biased
+    assert biased == vanilla[2]
 
 
 @pytest.mark.parametrize("spec,extra,expect", [

