@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# (this machine's pip.conf lists local index folders that may not exist: drop those warnings)
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
 if ! .venv/bin/python -c "import vllm" 2>/dev/null; then
   pip install -U pip
   # pins torch==2.13.0+cpu (found on this machine's local wheel directory)

@@ -20,6 +20,16 @@ class CostModel:
         self._n = sorted(points)
         self._t = [float(points[n]) for n in self._n]
 
+    @classmethod
+    def linear(cls, t1: float, per_token: float, max_n: int = 1024) -> "CostModel":
+        """A prior ``t1 + per_token * (n - 1)`` on a power-of-two grid, for online
+        calibration to refine (observations move the grid points they land on)."""
+        points, n = {}, 1
+        while n <= max_n:
+            points[n] = t1 + per_token * (n - 1)
+            n *= 2
+        return cls(points)
+
     def time(self, n: int) -> float:
         """Estimated seconds for ``n`` query tokens (``n >= 1``)."""
         ns, ts = self._n, self._t
@@ -33,13 +43,25 @@ class CostModel:
         return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
 
     def observe(self, n: int, seconds: float, weight: float = 0.1) -> None:
-        """Blend an observed step time into the point for ``n`` (adding it if new)."""
-        i = bisect.bisect_left(self._n, n)
-        if i < len(self._n) and self._n[i] == n:
-            self._t[i] += weight * (seconds - self._t[i])
+        """Move the curve toward an observed step time: the error at ``n`` is shared by
+        the two points around ``n`` in proportion to their interpolation weights (a
+        stochastic-gradient fit of the piecewise-linear curve); beyond the last point,
+        the last point moves."""
+        ns, ts = self._n, self._t
+        err = seconds - self.time(n)
+        i = bisect.bisect_left(ns, n)
+        if i < len(ns) and ns[i] == n:
+            ts[i] += weight * err
+        elif i == 0:
+            ts[0] += weight * err
+        elif i == len(ns):
+            ts[-1] += weight * err
         else:
-            self._n.insert(i, n)
-            self._t.insert(i, float(seconds))
+            lam = (n - ns[i - 1]) / (ns[i] - ns[i - 1])
+            ts[i - 1] += weight * (1 - lam) * err
+            ts[i] += weight * lam * err
+        for j in range(len(ts)):
+            ts[j] = max(ts[j], 1e-9)
 
     def best_size(self, expected_accepted: list[float]) -> int:
         """Number of draft nodes maximising tokens per second, given the expected

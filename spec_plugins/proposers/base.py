@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from spec_plugins.cost import CostModel
 from spec_plugins.tree import DraftTree
 
 
@@ -70,6 +71,11 @@ class TargetModel(Protocol):
 
 @dataclass
 class StepContext:
+    # Verify cost of the engine's step vs query tokens (calibrated by the adapter) and
+    # the tokens the next step computes anyway (one per running request): with them a
+    # method sizes its drafts for the batch (``spec_plugins.budget.allocate``).
+    cost: CostModel | None = None
+    batch_tokens: int = 1
     target_logits: Any | None = None   # per request, [vocab] (engine tensor or ndarray)
     hidden_states: Any | None = None   # per request, [hidden]
     target_model: TargetModel | None = None

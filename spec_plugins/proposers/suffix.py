@@ -8,7 +8,10 @@ it); the draft takes the most frequent continuation, appends it to the context a
 matches again, so drafts can run past the trie depth. It stops when the product of
 continuation frequencies (the estimated chance the whole draft is accepted) falls below
 ``min_token_prob`` or the draft reaches ``max_spec_factor x match length``: long,
-confident matches speculate long, weak ones little or not at all.
+confident matches speculate long, weak ones little or not at all. When the engine
+supplies a verify-cost model, the drafts of the whole batch are then cut to the tokens
+that pay for their verify time (``spec_plugins.budget``): generous at batch 1, strict
+in a full batch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
+from spec_plugins.budget import allocate
 from spec_plugins.options import opt, parse_options
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.tree import DraftTree
@@ -180,11 +184,18 @@ class SuffixProposer(Proposer):
 
     # ---- drafting ----------------------------------------------------------
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
-        out = []
-        for req in requests:
-            st = self._sync(req)
-            out.append(self._draft(st, req))
-        return out
+        chains = [self._draft(self._sync(req), req) for req in requests]
+        if ctx.cost is not None:
+            gains = []
+            for tree in chains:
+                g, acc = [], 1.0
+                for s in tree.scores:
+                    acc *= s
+                    g.append(acc)
+                gains.append(g)
+            keep = allocate(gains, ctx.batch_tokens, ctx.batch_tokens, ctx.cost)
+            chains = [DraftTree.chain(t.tokens[:k], t.scores[:k]) for t, k in zip(chains, keep)]
+        return chains
 
     def _draft(self, st: _RequestState, req: DraftRequest) -> DraftTree:
         o: SuffixOptions = self.options

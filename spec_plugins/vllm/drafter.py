@@ -11,11 +11,18 @@ accept with p(x), resample from the residual), and counts them in ``vllm:spec_de
 from __future__ import annotations
 
 import functools
+import time
 
+from spec_plugins.cost import CostModel
 from spec_plugins.proposers import proposer_class
 from spec_plugins.proposers.base import DraftRequest, StepContext
 from spec_plugins.vllm.config import settings_from
 from spec_plugins.vllm.version import logger
+
+
+# Prior slope of the step-time curve, as a fraction of a one-token step per extra query
+# token (float32 on a CPU: ~0.1); online calibration replaces it within a few steps.
+PRIOR_PER_TOKEN = 0.1
 
 
 class VllmDrafter:
@@ -39,6 +46,8 @@ class VllmDrafter:
         self._no_draft: dict[str, str | None] = {}
         self._isolated: dict[str, bool] = {}
         self._logged_reasons: set[str] = set()
+        self.cost: CostModel | None = None
+        self._t_last: float | None = None
         logger.info("spec_plugins: method %s, up to %d draft tokens per step, options %s",
                     self.method, self.k, settings.options)
 
@@ -71,7 +80,21 @@ class VllmDrafter:
                             "(vLLM's rejection sampler does not apply it to draft tokens)", reason)
         return self._no_draft[req_id]
 
+    def _calibrate(self, scheduler_output) -> None:
+        """Time between two calls = one engine step of the tokens it scheduled."""
+        now = time.perf_counter()
+        n = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
+        if self._t_last is not None and n > 0:
+            dt = now - self._t_last
+            if self.cost is None:
+                t1 = dt / (1 + PRIOR_PER_TOKEN * (n - 1))
+                self.cost = CostModel.linear(t1, PRIOR_PER_TOKEN * t1, max_n=4096)
+            elif dt < 3 * self.cost.time(n):  # longer gaps are idle time, not compute
+                self.cost.observe(n, dt)
+        self._t_last = now
+
     def propose_for_runner(self, runner, scheduler_output, sampled_token_ids) -> list[list[int]]:
+        self._calibrate(scheduler_output)
         batch = runner.input_batch
         k = getattr(scheduler_output, "num_spec_tokens_to_schedule", 0) or self.k
         k = min(k, self.k)
@@ -102,7 +125,8 @@ class VllmDrafter:
             self._finish(req_id)
         self._active = seen
         if requests:
-            for i, req, tree in zip(rows, requests, self.proposer.propose(requests, StepContext())):
+            ctx = StepContext(cost=self.cost, batch_tokens=len(sampled_token_ids))
+            for i, req, tree in zip(rows, requests, self.proposer.propose(requests, ctx)):
                 if not tree.is_chain:
                     raise RuntimeError(f"spec_plugins method {self.method!r} returned a tree; "
                                        "the vLLM adapter verifies chains only")

@@ -18,6 +18,10 @@ here, once, and only on the versions ``version.SUPPORTED`` lists:
    uninitialised memory. Sampled requests then verify drafts against garbage
    distributions: not lossless, not reproducible with a seed. Replaced by a torch
    ``repeat_interleave`` in the engine processes that run a spec_plugins method.
+5. ``gpu_model_runner.build_logitsprocs``: with speculation on, vLLM builds no min_p and
+   logit_bias processors at all. Our drafter never drafts for such requests (item 2),
+   so their tokens come from the bonus sampler, where the processors work row by row:
+   build them.
 
 Every wrapper falls through to vLLM's original unless the speculative config selects a
 spec_plugins method, so installing the package changes nothing else.
@@ -93,6 +97,28 @@ def install_runner_hook() -> None:
         return expand_batch_to_tokens
 
     _wrap(rejection_sampler, "expand_batch_to_tokens", make_expand)
+
+    from vllm.v1.worker import gpu_model_runner
+
+    from spec_plugins.vllm.config import is_ours
+
+    def make_build(orig):
+        def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model,
+                              custom_logitsprocs=()):
+            spec = vllm_config.speculative_config
+            if spec is None or not is_ours(spec) or is_pooling_model or custom_logitsprocs:
+                return orig(vllm_config, device, is_pin_memory, is_pooling_model,
+                            custom_logitsprocs)
+            from vllm.v1.sample.logits_processor import (BUILTIN_LOGITS_PROCESSORS,
+                                                         LogitsProcessors)
+
+            return LogitsProcessors(ctor(vllm_config, device, is_pin_memory)
+                                    for ctor in BUILTIN_LOGITS_PROCESSORS)
+        return build_logitsprocs
+
+    # The runner is being built when our drafter installs this (drafter first, then
+    # the input batch and its logits processors), so the runner module's name is patched.
+    _wrap(gpu_model_runner, "build_logitsprocs", make_build)
     logger.debug("spec_plugins: runner hook installed")
 
 
