@@ -2,8 +2,8 @@
 each spec_plugins method, on the same prompts, greedy, at batch 1 and 8 concurrent.
 
 Each concurrency level gets its own prompts (so cross-request caches are not measured
-on repeats). Configurations run one after another in one invocation (the machine is noisy: compare
-ratios from the same run). Per configuration, category and concurrency it reports
+on repeats). Configurations run one after another in one invocation (the machine is
+noisy: compare ratios from the same run). Per configuration, category and concurrency it reports
 output tok/s, speedup over vanilla, mean acceptance length (1 + accepted / drafts, from
 vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vanilla's.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 from typing import Callable, Sequence
 
+from spec_plugins.budget import allocate
 from spec_plugins.cost import CostModel
 from spec_plugins.tree import DraftTree
 
@@ -59,11 +60,8 @@ def best_first(expand: Expand, max_nodes: int, cost: CostModel | None = None,
         paths.append(path)
         push_children(len(picked) - 1, path, -neg_pp)
     if cost is not None and picked:
-        expected, acc = [], 0.0
-        for pp, *_ in picked:
-            acc += pp
-            expected.append(acc)
-        picked = picked[:cost.best_size(expected)]
+        # Picked in decreasing path probability: the size is a one-request budget.
+        picked = picked[:allocate([[pp for pp, *_ in picked]], 1, 1, cost)[0]]
     return _tree_from(picked)
 
 

@@ -62,14 +62,3 @@ class CostModel:
             ts[i] += weight * lam * err
         for j in range(len(ts)):
             ts[j] = max(ts[j], 1e-9)
-
-    def best_size(self, expected_accepted: list[float]) -> int:
-        """Number of draft nodes maximising tokens per second, given the expected
-        accepted length of the best tree of each size (``expected_accepted[k]`` for
-        k + 1 nodes, non-decreasing). 0 means do not speculate."""
-        best_k, best_rate = 0, 1.0 / self.time(1)
-        for k, e in enumerate(expected_accepted, start=1):
-            rate = (1.0 + e) / self.time(k + 1)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k

@@ -88,6 +88,14 @@ class DraftTree:
             d.append(1 if p < 0 else d[p] + 1)
         return d
 
+    def path_probs(self) -> list[float]:
+        """Per node, the product of scores from the root down to it: the drafter's
+        estimate that the node is accepted (for a chain, of the prefix up to it)."""
+        pp: list[float] = []
+        for p, s in zip(self.parents, self.scores):
+            pp.append(s * (pp[p] if p >= 0 else 1.0))
+        return pp
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root's child down to ``node``."""
         path = []

@@ -29,10 +29,7 @@ def synthetic(seed, branching=3, depth=4):
 
 
 def expected_length(tree):
-    pp = []
-    for p, s in zip(tree.parents, tree.scores):
-        pp.append(s * (pp[p] if p >= 0 else 1.0))
-    return sum(pp)
+    return sum(tree.path_probs())
 
 
 def all_nodes(expand, depth):

@@ -186,13 +186,7 @@ class SuffixProposer(Proposer):
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
         chains = [self._draft(self._sync(req), req) for req in requests]
         if ctx.cost is not None:
-            gains = []
-            for tree in chains:
-                g, acc = [], 1.0
-                for s in tree.scores:
-                    acc *= s
-                    g.append(acc)
-                gains.append(g)
+            gains = [tree.path_probs() for tree in chains]
             keep = allocate(gains, ctx.batch_tokens, ctx.batch_tokens, ctx.cost)
             chains = [DraftTree.chain(t.tokens[:k], t.scores[:k]) for t, k in zip(chains, keep)]
         return chains

@@ -43,8 +43,8 @@ class VllmDrafter:
                 "which the vLLM adapter does not supply yet")
         self._active: set[str] = set()
         self._last_len: dict[str, int] = {}
-        self._no_draft: dict[str, str | None] = {}
-        self._isolated: dict[str, bool] = {}
+        # req_id -> (why it is never drafted for, or None; whether it is seeded)
+        self._req_info: dict[str, tuple[str | None, bool]] = {}
         self._logged_reasons: set[str] = set()
         self.cost: CostModel | None = None
         self._t_last: float | None = None
@@ -60,25 +60,24 @@ class VllmDrafter:
                            "(spec_plugins.vllm.patches); it was not installed")
 
     # driven by patches.install_runner_hook ---------------------------------
-    def _classify(self, runner, req_id: str) -> str | None:
-        """Read a new request's sampling parameters once: return why it must not be
-        drafted for (options our drafts cannot honour), and note whether it is seeded."""
-        if req_id not in self._no_draft:
+    def _classify(self, runner, req_id: str) -> tuple[str | None, bool]:
+        """Read a request's sampling parameters once: why it must not be drafted for
+        (options our drafts cannot honour, else None), and whether it is seeded."""
+        if req_id not in self._req_info:
             state = runner.requests.get(req_id)
             sp = getattr(state, "sampling_params", None)
-            self._isolated[req_id] = bool(sp is not None and sp.seed is not None
-                                          and sp.temperature > 0)
+            seeded = bool(sp is not None and sp.seed is not None and sp.temperature > 0)
             reason = None
             if sp is not None and sp.min_p and sp.min_p > 0:
                 reason = "min_p"
             elif sp is not None and sp.logit_bias:
                 reason = "logit_bias"
-            self._no_draft[req_id] = reason
+            self._req_info[req_id] = (reason, seeded)
             if reason and reason not in self._logged_reasons:
                 self._logged_reasons.add(reason)
                 logger.info("spec_plugins: requests with %s are served without speculation "
                             "(vLLM's rejection sampler does not apply it to draft tokens)", reason)
-        return self._no_draft[req_id]
+        return self._req_info[req_id]
 
     def _calibrate(self, scheduler_output) -> None:
         """Time between two calls = one engine step of the tokens it scheduled."""
@@ -108,7 +107,10 @@ class VllmDrafter:
                 continue  # partial prefill: nothing committed yet
             n = int(batch.num_tokens_no_spec[i])
             room = min(k, self.max_model_len - n - 1)
-            if room <= 0 or self._classify(runner, req_id):
+            if room <= 0:
+                continue
+            skip_reason, seeded = self._classify(runner, req_id)
+            if skip_reason:
                 continue
             last = self._last_len.get(req_id)
             requests.append(DraftRequest(
@@ -118,7 +120,7 @@ class VllmDrafter:
                 new_tokens=sampled,
                 max_draft_tokens=room,
                 num_accepted=None if not last else len(sampled) - 1,
-                isolated=self._isolated[req_id],
+                isolated=seeded,
             ))
             rows.append(i)
         for req_id in self._active - seen:
@@ -138,8 +140,7 @@ class VllmDrafter:
     def _finish(self, req_id: str) -> None:
         self.proposer.finish(req_id)
         self._last_len.pop(req_id, None)
-        self._no_draft.pop(req_id, None)
-        self._isolated.pop(req_id, None)
+        self._req_info.pop(req_id, None)
 
 
 @functools.cache
