@@ -10,8 +10,13 @@ What a method may need, declared in :attr:`Proposer.needs`, and what the adapter
 supplies through :class:`StepContext`:
 
 - nothing (model-free drafters: suffix trees, n-grams, token recycling): token ids only;
+- ``"target_topk"``: for every position the target verified in the last step (the
+  root and every draft node, accepted or not; a prefill's last prompt token), the token
+  there and the target's top-k next tokens after it: ``StepContext.target_topk[i] =
+  (tokens [m], topk_ids [m, k])`` for request ``i``, best first (token recycling keeps a
+  successor table from them); ``k`` is the proposer's ``topk`` attribute;
 - ``"target_logits"``: the target's logits at the positions sampled in the last step
-  (``StepContext.target_logits[i]`` for request ``i``), e.g. to keep a successor table;
+  (``StepContext.target_logits[i]`` for request ``i``);
 - ``"hidden_states"``: the target's last hidden states at those positions (EAGLE-style
   heads, diffusion drafters conditioned on the target);
 - ``"target_model"``: a :class:`TargetModel` handle that runs the target's own layers
@@ -56,6 +61,9 @@ class DraftRequest:
     # draws its random numbers per draft, so drafts that depend on other requests would
     # make a seeded request's output depend on what else the server has served.
     isolated: bool = False
+    # The engine can verify a branching tree for this request. False: return a chain
+    # (e.g. repetition penalties or logprobs, which vLLM computes by draft position).
+    tree_ok: bool = True
 
 
 class TargetModel(Protocol):
@@ -76,6 +84,7 @@ class StepContext:
     # method sizes its drafts for the batch (``spec_plugins.budget.allocate``).
     cost: CostModel | None = None
     batch_tokens: int = 1
+    target_topk: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None
     target_logits: Any | None = None   # per request, [vocab] (engine tensor or ndarray)
     hidden_states: Any | None = None   # per request, [hidden]
     target_model: TargetModel | None = None
@@ -85,10 +94,12 @@ class StepContext:
 class Proposer(ABC):
     #: Method name users select (``spec_plugins.vllm.<Class>`` maps to it).
     name: ClassVar[str]
-    #: Subset of {"target_logits", "hidden_states", "target_model"}.
+    #: Subset of {"target_topk", "target_logits", "hidden_states", "target_model"}.
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Whether ``propose`` may return trees with branches (else chains only).
     makes_trees: ClassVar[bool] = False
+    #: With ``"target_topk"`` in ``needs``: how many successors per position.
+    topk: int = 0
 
     #: The method's options dataclass (see ``spec_plugins.options``), if it has options.
     Options: ClassVar[type | None] = None
