@@ -53,7 +53,14 @@ def _check_rows(tree: DraftTree, target: np.ndarray) -> None:
 def verify_greedy(tree: DraftTree, target_logits: np.ndarray) -> Verdict:
     target_logits = np.asarray(target_logits)
     _check_rows(tree, target_logits)
-    argmax = target_logits.argmax(axis=-1)
+    return verify_greedy_ids(tree, target_logits.argmax(axis=-1))
+
+
+def verify_greedy_ids(tree: DraftTree, argmax: "np.ndarray | list[int]") -> Verdict:
+    """:func:`verify_greedy` from the target's argmax at the root and every node
+    (``len(tree) + 1`` token ids), for engines that reduce logits on the device."""
+    if len(argmax) != len(tree) + 1:
+        raise ValueError(f"need {len(tree) + 1} argmax ids, got {len(argmax)}")
     children = tree.child_lists()
     node, accepted = -1, []
     while True:

@@ -43,7 +43,13 @@ def settings_from(vllm_config) -> PluginSettings | None:
             f"speculative_config.model={spec.model!r} is not a spec_plugins method; "
             f"allowed values: {', '.join(PREFIX + m for m in sorted(METHODS))}")
     cls = proposer_class(method)
-    options = cls.Options.parse(extra or {}, where=f"additional_config.{ADDITIONAL_KEY}")
+    if cls.Options is not None:
+        options = cls.Options.parse(extra or {}, where=f"additional_config.{ADDITIONAL_KEY}")
+    elif extra:
+        raise OptionError(f"additional_config.{ADDITIONAL_KEY}: method {method!r} takes no "
+                          f"options, got {sorted(extra)}")
+    else:
+        options = None
     k = spec.num_speculative_tokens
     if not isinstance(k, int) or k < 1:
         raise OptionError(

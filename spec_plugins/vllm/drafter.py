@@ -2,10 +2,12 @@
 
 It translates the runner's batch (rows of ``InputBatch``) into core
 :class:`~spec_plugins.proposers.base.DraftRequest` objects, calls the method's proposer
-and hands vLLM back token chains. vLLM then verifies them with its own rejection
-sampler, which for chains from a deterministic drafter is the lossless verifier of
-``spec_plugins.verify`` (greedy: longest prefix equal to the target argmax; sampling:
-accept with p(x), resample from the residual), and counts them in ``vllm:spec_decode_*``.
+and hands vLLM back each draft's nodes as the request's speculative tokens. Chains are
+verified by vLLM's own rejection sampler, which for chains from a deterministic drafter
+is the lossless verifier of ``spec_plugins.verify`` (greedy: longest prefix equal to the
+target argmax; sampling: accept with p(x), resample from the residual). Branching trees
+are remembered here (``pending_trees``) and verified in the next step by the tree
+machinery of ``tree_step.py``. Both are counted in ``vllm:spec_decode_*``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from __future__ import annotations
 import functools
 import time
 
+import numpy as np
+
 from spec_plugins.cost import CostModel
 from spec_plugins.proposers import proposer_class
 from spec_plugins.proposers.base import DraftRequest, StepContext
+from spec_plugins.tree import DraftTree
 from spec_plugins.vllm.config import settings_from
 from spec_plugins.vllm.version import logger
 
@@ -37,14 +42,24 @@ class VllmDrafter:
         self.k = settings.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         self.proposer = proposer_class(self.method)(settings.options)
-        if self.proposer.needs:
+        missing = set(self.proposer.needs) - {"target_topk"}
+        if missing:
             raise NotImplementedError(
-                f"spec_plugins method {self.method!r} needs {sorted(self.proposer.needs)}, "
+                f"spec_plugins method {self.method!r} needs {sorted(missing)}, "
                 "which the vLLM adapter does not supply yet")
+        self.wants_topk = "target_topk" in self.proposer.needs
+        self.trees = bool(self.proposer.makes_trees)
+        if self.trees:
+            patches.install_tree_hooks()
+        # Trees drafted last step, verified by tree_step in this one (req_id -> tree).
+        self.pending_trees: dict[str, DraftTree] = {}
+        self.rng = np.random.default_rng()
+        self._topk: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._active: set[str] = set()
         self._last_len: dict[str, int] = {}
-        # req_id -> (why it is never drafted for, or None; whether it is seeded)
-        self._req_info: dict[str, tuple[str | None, bool]] = {}
+        # req_id -> (why it is never drafted for, or None; whether it is seeded;
+        #            whether a branching tree can be verified for it)
+        self._req_info: dict[str, tuple[str | None, bool, bool]] = {}
         self._logged_reasons: set[str] = set()
         self.cost: CostModel | None = None
         self._t_last: float | None = None
@@ -60,9 +75,12 @@ class VllmDrafter:
                            "(spec_plugins.vllm.patches); it was not installed")
 
     # driven by patches.install_runner_hook ---------------------------------
-    def _classify(self, runner, req_id: str) -> tuple[str | None, bool]:
+    def _classify(self, runner, req_id: str) -> tuple[str | None, bool, bool]:
         """Read a request's sampling parameters once: why it must not be drafted for
-        (options our drafts cannot honour, else None), and whether it is seeded."""
+        (options our drafts cannot honour, else None), whether it is seeded, and whether
+        it may get a branching tree: vLLM applies penalties, bad words, min_tokens,
+        grammars and logprobs to draft positions as if they were a chain, so such
+        requests get chains."""
         if req_id not in self._req_info:
             state = runner.requests.get(req_id)
             sp = getattr(state, "sampling_params", None)
@@ -72,7 +90,12 @@ class VllmDrafter:
                 reason = "min_p"
             elif sp is not None and sp.logit_bias:
                 reason = "logit_bias"
-            self._req_info[req_id] = (reason, seeded)
+            tree_ok = self.trees and sp is not None and not (
+                sp.presence_penalty or sp.frequency_penalty
+                or (sp.repetition_penalty and sp.repetition_penalty != 1.0)
+                or sp.logprobs is not None or sp.bad_words or sp.min_tokens
+                or getattr(sp, "structured_outputs", None) is not None)
+            self._req_info[req_id] = (reason, seeded, tree_ok)
             if reason and reason not in self._logged_reasons:
                 self._logged_reasons.add(reason)
                 logger.info("spec_plugins: requests with %s are served without speculation "
@@ -109,7 +132,7 @@ class VllmDrafter:
             room = min(k, self.max_model_len - n - 1)
             if room <= 0:
                 continue
-            skip_reason, seeded = self._classify(runner, req_id)
+            skip_reason, seeded, tree_ok = self._classify(runner, req_id)
             if skip_reason:
                 continue
             last = self._last_len.get(req_id)
@@ -121,21 +144,48 @@ class VllmDrafter:
                 max_draft_tokens=room,
                 num_accepted=None if not last else len(sampled) - 1,
                 isolated=seeded,
+                tree_ok=tree_ok,
             ))
             rows.append(i)
         for req_id in self._active - seen:
             self._finish(req_id)
         self._active = seen
+        self.pending_trees.clear()
         if requests:
             ctx = StepContext(cost=self.cost, batch_tokens=len(sampled_token_ids))
+            if self.wants_topk:
+                ctx.target_topk = [self._topk.get(r.req_id) for r in requests]
             for i, req, tree in zip(rows, requests, self.proposer.propose(requests, ctx)):
+                if len(tree) > req.max_draft_tokens:
+                    raise RuntimeError(
+                        f"spec_plugins method {self.method!r} drafted {len(tree)} tokens "
+                        f"for a request allowed {req.max_draft_tokens}")
                 if not tree.is_chain:
-                    raise RuntimeError(f"spec_plugins method {self.method!r} returned a tree; "
-                                       "the vLLM adapter verifies chains only")
-                drafts[i] = tree.tokens[:req.max_draft_tokens]
+                    if not req.tree_ok:
+                        raise RuntimeError(
+                            f"spec_plugins method {self.method!r} returned a tree for a "
+                            "request that needs a chain (DraftRequest.tree_ok is False)")
+                    self.pending_trees[req.req_id] = tree
+                drafts[i] = list(tree.tokens)
+        self._topk.clear()
         for i, req_id in enumerate(batch.req_ids[:len(drafts)]):
             self._last_len[req_id] = len(drafts[i])
         return drafts
+
+    def observe_logits(self, runner, logits, spec_decode_metadata) -> None:
+        """Keep the target's top-k next tokens at every position it just scored, with
+        the token at that position, per request (``StepContext.target_topk``)."""
+        if logits is None or spec_decode_metadata is None:
+            return
+        k = self.proposer.topk
+        ids = logits.topk(k, dim=-1).indices.numpy()
+        idx = spec_decode_metadata.logits_indices
+        tokens = runner.input_ids.gpu[idx].numpy()
+        start = 0
+        for i, n in enumerate(spec_decode_metadata.num_draft_tokens):
+            req_id = runner.input_batch.req_ids[i]
+            self._topk[req_id] = (tokens[start:start + n + 1], ids[start:start + n + 1])
+            start += n + 1
 
     def _finish(self, req_id: str) -> None:
         self.proposer.finish(req_id)

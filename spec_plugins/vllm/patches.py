@@ -23,6 +23,19 @@ here, once, and only on the versions ``version.SUPPORTED`` lists:
    so their tokens come from the bonus sampler, where the processors work row by row:
    build them.
 
+For methods that draft trees (``install_tree_hooks``; the mechanism is in
+``tree_step.py``):
+
+6. ``GPUModelRunner._prepare_inputs``: after vLLM prepared the step, mark the requests
+   whose drafts are branching trees and give their tokens depth-based positions.
+7. ``rejection_sampler.rejection_sample``: after vLLM's chain verification, replace the
+   tree rows with the core verifiers' accepted paths and compact their KV.
+8. ``GPUModelRunner._sample``: read the target's top-k next tokens at every verified
+   position for methods that need them (token recycling), before sampling.
+9. The ``CPU_ATTN`` entry of vLLM's attention backend registry points at
+   ``spec_plugins.vllm.attention.TreeCPUAttentionBackend`` (a registry override, not a
+   patch: vLLM's own backend unless the step has a tree).
+
 Every wrapper falls through to vLLM's original unless the speculative config selects a
 spec_plugins method, so installing the package changes nothing else.
 """
@@ -133,3 +146,64 @@ def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from=0, re
     if replace_from != replace_to:
         out = torch.where(out == replace_from, torch.full_like(out, replace_to), out)
     return out
+
+
+def install_tree_hooks() -> None:
+    """Hooks for tree verification; called by the drafter of a tree-drafting method
+    while the runner is being built (before the model and its attention layers)."""
+    _require_supported()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from spec_plugins.vllm import tree_step
+    from spec_plugins.vllm.drafter import VllmDrafter
+
+    register_backend(AttentionBackendEnum.CPU_ATTN,
+                     "spec_plugins.vllm.attention.TreeCPUAttentionBackend")
+
+    def make_prepare(orig):
+        def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+            result = orig(self, scheduler_output, *args, **kwargs)
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, VllmDrafter):
+                step = tree_step.begin(self, scheduler_output, drafter.pending_trees)
+                if step is not None:
+                    step.extra["runner"] = self
+            else:
+                tree_step.end()
+            return result
+        return _prepare_inputs
+
+    def make_sample(orig):
+        def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, VllmDrafter) and drafter.wants_topk:
+                drafter.observe_logits(self, logits, spec_decode_metadata)
+            try:
+                return orig(self, logits, spec_decode_metadata, *args, **kwargs)
+            finally:
+                tree_step.end()
+        return _sample
+
+    def make_reject(orig):
+        def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len,
+                             cu_num_draft_tokens, draft_probs, target_logits,
+                             bonus_token_ids, sampling_metadata, *args, **kwargs):
+            out = orig(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                       draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                       *args, **kwargs)
+            step = tree_step.current()
+            if step is not None:
+                runner = step.extra["runner"]
+                verdicts = tree_step.verify(step, out, num_draft_tokens, target_logits,
+                                            bonus_token_ids, sampling_metadata,
+                                            runner.drafter.rng)
+                tree_step.compact_kv(step, verdicts, runner.kv_caches)
+            return out
+        return rejection_sample
+
+    _wrap(GPUModelRunner, "_prepare_inputs", make_prepare)
+    _wrap(GPUModelRunner, "_sample", make_sample)
+    _wrap(rejection_sampler, "rejection_sample", make_reject)
+    logger.debug("spec_plugins: tree hooks installed")

@@ -1,0 +1,128 @@
+"""CPU attention with tree masks, registered in vLLM's attention backend registry.
+
+``patches.install_tree_hooks`` registers :class:`TreeCPUAttentionBackend` under
+``CPU_ATTN`` (``vllm.v1.attention.backends.registry.register_backend``) in engine
+processes that run a tree-drafting spec_plugins method. It *is* vLLM's CPU backend
+whenever the step has no branching draft tree; in a tree step the requests with trees
+go through ``spec_plugins.kernels.tree_attention`` and the rest through vLLM's own
+kernel on a sub-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend,
+                                                 CPUAttentionBackendImpl,
+                                                 CPUAttentionMetadata,
+                                                 CPUAttentionMetadataBuilder)
+
+from spec_plugins.kernels import tree_attention
+from spec_plugins.vllm import tree_step
+
+
+@dataclass
+class TreeCPUAttentionMetadata(CPUAttentionMetadata):
+    tree: tree_attention.TreePlan | None = None
+    tree_tokens: torch.Tensor | None = None
+    other: CPUAttentionMetadata | None = None   # vLLM's kernel, rows without a tree
+    other_tokens: torch.Tensor | None = None
+
+
+class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        md = TreeCPUAttentionMetadata(**md.__dict__)
+        step = tree_step.current()
+        cm = common_attn_metadata
+        if (step is None or cm.num_reqs != step.num_reqs
+                or cm.num_actual_tokens != step.num_tokens
+                or self.is_cross_attention or self.is_encoder_only_attention):
+            return md
+        rows = torch.from_numpy(step.rows)
+        md.tree = tree_attention.plan(step.prefix_lens, [t.parents for t in step.trees],
+                                      cm.block_table_tensor.index_select(0, rows),
+                                      self.block_size)
+        md.tree_tokens = step.tree_tokens
+        step.slots = cm.slot_mapping[: cm.num_actual_tokens].index_select(0, step.tree_tokens)
+        step.block_size = self.block_size
+        if len(step.other_rows):
+            other = torch.from_numpy(step.other_rows)
+            qsl = torch.zeros(len(other) + 1, dtype=cm.query_start_loc.dtype)
+            qsl[1:] = torch.from_numpy(np.cumsum(step.other_q_lens))
+            seq_lens = cm.seq_lens.index_select(0, other)
+            md.other = CPUAttentionMetadata(
+                num_actual_tokens=len(step.other_tokens),
+                max_query_len=int(step.other_q_lens.max()),
+                query_start_loc=qsl,
+                max_seq_len=int(seq_lens.max()),
+                seq_lens=seq_lens,
+                block_table=cm.block_table_tensor.index_select(0, other),
+                slot_mapping=cm.slot_mapping.index_select(0, step.other_tokens),
+                scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+                    num_reqs=len(other), num_heads=self.num_heads,
+                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                    seq_lens=seq_lens, dtype=self.dtype, query_start_loc=qsl,
+                    causal=md.causal, sliding_window_size=self.window_size, isa=self.isa,
+                    enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                    dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype),
+                causal=md.causal)
+            md.other_tokens = step.other_tokens
+        return md
+
+
+class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        md = attn_metadata
+        if not isinstance(md, TreeCPUAttentionMetadata) or md.tree is None:
+            return super().forward(layer, query, key, value, kv_cache, md, output,
+                                   output_scale, output_block_scale)
+        if (self.sinks is not None or self.alibi_slopes is not None
+                or self.sliding_window != -1 or self.logits_soft_cap
+                or self.is_fp8_kv_cache):
+            raise NotImplementedError(
+                "spec_plugins tree attention supports plain causal attention only "
+                "(no sinks, ALiBi, sliding window, soft-cap or fp8 KV cache); "
+                "use a chain method (\"tree\": false) for this model")
+        n = md.num_actual_tokens
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        nb, kvh, bs, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(nb, kvh, 2 * bs, -1).chunk(2, dim=2)
+        if getattr(layer, "isa", "vec") != "vec":
+            raise NotImplementedError(
+                f"spec_plugins tree attention reads vLLM's 'vec' CPU KV layout; this CPU "
+                f"uses {layer.isa!r}. Use a chain method (\"tree\": false)")
+        if md.other is not None:
+            o = md.other
+            sub = torch.empty(o.num_actual_tokens, self.num_heads, self.head_size,
+                              dtype=out.dtype)
+            ops.cpu_attention_with_kv_cache(
+                query=q.index_select(0, md.other_tokens), key_cache=key_cache,
+                value_cache=value_cache, output=sub, query_start_loc=o.query_start_loc,
+                seq_lens=o.seq_lens, scale=self.scale, causal=o.causal, alibi_slopes=None,
+                sliding_window=-1, block_table=o.block_table, softcap=0,
+                scheduler_metadata=o.scheduler_metadata, s_aux=None,
+                k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                kv_cache_dtype=self.kv_cache_dtype)
+            out.index_copy_(0, md.other_tokens, sub)
+        res = tree_attention.run(md.tree, q.index_select(0, md.tree_tokens),
+                                 *tree_attention.split_cache(kv_cache), self.scale)
+        out.index_copy_(0, md.tree_tokens, res.to(out.dtype))
+        return output
+
+
+class TreeCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return TreeCPUAttentionBackendImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return TreeCPUAttentionMetadataBuilder
