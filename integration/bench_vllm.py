@@ -8,7 +8,7 @@ output tok/s, speedup over vanilla, mean acceptance length (1 + accepted / draft
 vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vanilla's.
 
     python integration/bench_vllm.py                      # all configs, default model
-    python integration/bench_vllm.py --configs vanilla suffix --n 4 --max-tokens 128
+    python integration/bench_vllm.py --configs suffix-chain suffix-tree --n 4 --max-tokens 128
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     "vanilla": (None, None),
     # vLLM's own prompt-lookup drafter, as in vLLM's documentation example.
     "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}, None),
-    "suffix": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8}, None),
+    # Each model-free method as a chain and as a tree. Trees may use more nodes: their
+    # size is cut per step by the verify-cost model, like the chains' length.
+    "suffix-chain": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8},
+                     {"spec_plugins": {"tree": False}}),
+    "suffix-tree": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 16}, None),
+    "recycling-chain": ({"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 8},
+                        {"spec_plugins": {"tree": False}}),
+    "recycling-tree": ({"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 16},
+                       None),
 }
 
 
@@ -68,7 +76,7 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
                     "mal": mean_acceptance_length(delta) if spec else None,
                     "outputs": outs,
                 }
-                print(f"  {name:8s} {cat:10s} c={conc}: {results[(cat, conc)]['tok_s']:.1f} tok/s",
+                print(f"  {name:15s} {cat:10s} c={conc}: {results[(cat, conc)]['tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
     return results
 

@@ -11,3 +11,17 @@ def default_model() -> str:
     from spec_plugins.default_model import build
 
     return str(build())
+
+
+@pytest.fixture(scope="session")
+def vanilla(default_model):
+    """A vanilla server's greedy outputs (batch 1, 8 concurrent) and one logit-biased
+    output, shared by every end-to-end module."""
+    from client import CONVERSATIONS, banned_token, complete, run_all
+    from vllm_server import vllm_server
+
+    with vllm_server(default_model) as url:
+        batch1, batch8 = run_all(url)
+        ban = banned_token(batch1[0])
+        biased = complete(url, CONVERSATIONS[0], temperature=0, logit_bias={str(ban): -100})
+    return batch1, batch8, biased

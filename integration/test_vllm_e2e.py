@@ -7,55 +7,22 @@ accepted draft tokens. Servers start once per module (each start compiles the mo
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from prompts import prompts
+from client import CONVERSATIONS, banned_token, complete, run_all
 from vllm_server import mean_acceptance_length, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
 
 SUFFIX = {"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8}
-MAX_TOKENS = 96
-CONVERSATIONS = prompts("code_edit", 4) + prompts("humaneval", 2) + prompts("chat", 2)
-
-
-def complete(url, messages, **kw):
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
-    extra = {"return_token_ids": True, **kw.pop("extra_body", {})}
-    r = client.chat.completions.create(model="default", messages=messages,
-                                       max_tokens=kw.pop("max_tokens", MAX_TOKENS),
-                                       extra_body=extra, **kw)
-    choice = r.choices[0]
-    return list(choice.token_ids or []) or choice.message.content
-
-
-def run_all(url, **kw):
-    batch1 = [complete(url, m, temperature=0, **kw) for m in CONVERSATIONS]
-    with ThreadPoolExecutor(8) as pool:
-        batch8 = list(pool.map(lambda m: complete(url, m, temperature=0, **kw), CONVERSATIONS))
-    return batch1, batch8
-
-
-def banned_token(tokens):
-    """The most frequent token of an output: banning it changes the output early."""
-    return max(set(tokens), key=tokens.count)
-
-
-@pytest.fixture(scope="module")
-def vanilla(default_model):
-    with vllm_server(default_model) as url:
-        batch1, batch8 = run_all(url)
-        ban = banned_token(batch1[0])
-        biased = complete(url, CONVERSATIONS[0], temperature=0, logit_bias={str(ban): -100})
-        yield batch1, batch8, biased
+# The chain mode: trees have their own tests (test_vllm_trees.py).
+CHAIN = {"spec_plugins": {"tree": False}}
 
 
 @pytest.fixture(scope="module")
 def suffix_server(default_model):
-    with vllm_server(default_model, SUFFIX) as url:
+    with vllm_server(default_model, SUFFIX, CHAIN) as url:
         yield url
 
 
@@ -96,7 +63,7 @@ def test_min_p_and_logit_bias_are_served_without_speculation(suffix_server, vani
 @pytest.mark.parametrize("spec,extra,expect", [
     ({"model": "spec_plugins.vllm.sufix", "num_speculative_tokens": 4}, None,
      "speculative_config.model='spec_plugins.vllm.sufix' is not a spec_plugins method; "
-     "allowed values: spec_plugins.vllm.suffix"),
+     "allowed values: spec_plugins.vllm.recycling, spec_plugins.vllm.suffix"),
     (SUFFIX, {"spec_plugins": {"min_token_prob": 3}},
      "additional_config.spec_plugins.min_token_prob=3.0 is out of range"),
     (SUFFIX, {"spec_plugins": {"depth": 3}},

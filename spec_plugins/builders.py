@@ -13,6 +13,9 @@ length of a tree is the sum of its nodes' path probabilities.
 - :func:`eagle2` (EAGLE-2): expand the ``top_k`` best nodes of each depth by their
   top-``top_k`` candidates for ``depth`` levels, then keep the best ``total_tokens``
   nodes by path probability.
+- :func:`fit_batch`: cut the trees of a whole batch (nodes in decreasing path
+  probability, as :func:`best_first` returns them) to the draft tokens that pay for
+  their verify time (:func:`~spec_plugins.budget.allocate`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,18 @@ def best_first(expand: Expand, max_nodes: int, cost: CostModel | None = None,
         # Picked in decreasing path probability: the size is a one-request budget.
         picked = picked[:allocate([[pp for pp, *_ in picked]], 1, 1, cost)[0]]
     return _tree_from(picked)
+
+
+def fit_batch(trees: Sequence[DraftTree], cost: CostModel | None,
+              batch_tokens: int) -> list[DraftTree]:
+    """Cut each request's tree to its share of the batch's draft budget. Each tree's
+    nodes must be in decreasing path probability (then every kept prefix is a tree and
+    the gains are non-increasing, as ``allocate`` requires); ``batch_tokens`` are the
+    tokens the step computes anyway, one output each. No cost model: trees as given."""
+    if cost is None:
+        return list(trees)
+    keep = allocate([t.path_probs() for t in trees], batch_tokens, batch_tokens, cost)
+    return [t.prefix(k) for t, k in zip(trees, keep)]
 
 
 def eagle2(expand: Expand, top_k: int, depth: int, total_tokens: int) -> DraftTree:

@@ -62,6 +62,14 @@ class DraftTree:
             self.dist_rows.append(int(dist_row))
         return len(self.tokens) - 1
 
+    def prefix(self, k: int) -> "DraftTree":
+        """The first ``k`` nodes (a tree again: parents precede children)."""
+        if k >= len(self.tokens):
+            return self
+        return DraftTree(self.tokens[:k], self.parents[:k], self.scores[:k],
+                         None if self.dist_rows is None else self.dist_rows[:k],
+                         self.draft_dists)
+
     # ---- queries ------------------------------------------------------
     def __len__(self) -> int:
         return len(self.tokens)

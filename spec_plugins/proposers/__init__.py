@@ -12,6 +12,7 @@ from spec_plugins.options import OptionError
 
 METHODS: dict[str, str] = {
     "suffix": "spec_plugins.proposers.suffix:SuffixProposer",
+    "recycling": "spec_plugins.proposers.recycling:RecyclingProposer",
 }
 
 

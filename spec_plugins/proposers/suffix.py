@@ -8,10 +8,19 @@ it); the draft takes the most frequent continuation, appends it to the context a
 matches again, so drafts can run past the trie depth. It stops when the product of
 continuation frequencies (the estimated chance the whole draft is accepted) falls below
 ``min_token_prob`` or the draft reaches ``max_spec_factor x match length``: long,
-confident matches speculate long, weak ones little or not at all. When the engine
-supplies a verify-cost model, the drafts of the whole batch are then cut to the tokens
-that pay for their verify time (``spec_plugins.budget``): generous at batch 1, strict
-in a full batch.
+confident matches speculate long, weak ones little or not at all.
+
+With ``tree`` (the default, where the engine can verify trees) the draft keeps the
+alternatives too: a node's children are the (up to ``max_branches``) continuations seen
+after the longest followed suffix of context + path, scored by their share of the
+counts there, and the tree grows best first (``builders.best_first``, OPT-Tree): the
+nodes most likely to be accepted, up to ``max_draft_tokens``, ``max_spec_factor x match
+length`` deep. Under greedy verification its expected accepted length is at least the
+chain's for the same number of nodes (the chain is one of the trees it chooses from).
+
+When the engine supplies a verify-cost model, the drafts of the whole batch are then
+cut to the tokens that pay for their verify time (``builders.fit_batch``): generous at
+batch 1, strict in a full batch.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from spec_plugins.budget import allocate
+from spec_plugins.builders import best_first, fit_batch
 from spec_plugins.options import opt, parse_options
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.tree import DraftTree
@@ -113,6 +122,9 @@ class SuffixOptions:
     min_match: int = opt(1, lo=1, hi=256, help="shortest match that may start a draft")
     global_cache_tokens: int = opt(65536, lo=0, hi=1 << 24,
                                    help="output tokens of recent requests kept for cross-request matches")
+    tree: bool = opt(True, help="draft trees of alternative continuations (False: chains)")
+    max_branches: int = opt(4, lo=1, hi=64,
+                            help="most continuations tried after one tree node (most frequent first)")
 
     @classmethod
     def parse(cls, values, where="suffix"):
@@ -130,8 +142,29 @@ class _RequestState:
         self.output: list[int] = []
 
 
+# Longest followed match in one trie: (match length, trie node), (0, None) for none.
+_Match = tuple[int, "_Node | None"]
+
+
+def _follow(trie: SuffixTrie, context: list[int], prev: _Match | None) -> _Match:
+    """Longest followed suffix of ``context`` in ``trie``; ``prev`` is the match of
+    ``context[:-1]`` when known. A followed suffix of ``context`` of length L makes its
+    last L-1 tokens a followed suffix of ``context[:-1]``, so the match grows by at most
+    one: extending ``prev`` by the new token is the answer whenever that is followed,
+    else a search bounded by ``prev`` + 1 (same result as a full search, less work)."""
+    if prev is None:
+        return trie.longest_match(context, trie.max_depth - 1)
+    m, node = prev
+    if node is not None and m + 1 < trie.max_depth:
+        child = node.children.get(context[-1])
+        if child is not None and child.children:
+            return m + 1, child
+    return trie.longest_match(context, m + 1)
+
+
 class SuffixProposer(Proposer):
     name = "suffix"
+    makes_trees = True
     Options = SuffixOptions
 
     def __init__(self, options=None):
@@ -184,29 +217,47 @@ class SuffixProposer(Proposer):
 
     # ---- drafting ----------------------------------------------------------
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
-        chains = [self._draft(self._sync(req), req) for req in requests]
-        if ctx.cost is not None:
-            gains = [tree.path_probs() for tree in chains]
-            keep = allocate(gains, ctx.batch_tokens, ctx.batch_tokens, ctx.cost)
-            chains = [DraftTree.chain(t.tokens[:k], t.scores[:k]) for t, k in zip(chains, keep)]
-        return chains
+        drafts = []
+        for req in requests:
+            st = self._sync(req)
+            tree = self.options.tree and req.tree_ok
+            drafts.append(self._draft_tree(st, req) if tree else self._draft(st, req))
+        # Chains and best-first trees both list nodes in decreasing path probability.
+        return fit_batch(drafts, ctx.cost, ctx.batch_tokens)
+
+    def _matches(self, st: _RequestState, req: DraftRequest, context: list[int],
+                 prev: tuple[_Match, _Match] | None = None) -> tuple[_Match, _Match]:
+        """Matches of ``context`` in the request's trie and the global trie (``prev``:
+        those of ``context[:-1]``)."""
+        own = _follow(st.trie, context, prev and prev[0])
+        glob = (0, None)
+        if self._global_tokens and not req.isolated:
+            glob = _follow(self._global, context, prev and prev[1])
+        return own, glob
+
+    @staticmethod
+    def _best(matches: tuple[_Match, _Match]) -> _Match:
+        """The longer match; the request's own on a tie."""
+        own, glob = matches
+        return glob if glob[0] > own[0] else own
+
+    def _context(self, req: DraftRequest) -> list[int]:
+        return req.token_ids[-(self.options.max_depth - 1):].tolist()
 
     def _draft(self, st: _RequestState, req: DraftRequest) -> DraftTree:
         o: SuffixOptions = self.options
         if req.max_draft_tokens <= 0:
             return DraftTree.empty()
-        context = req.token_ids[-(o.max_depth - 1):].tolist()
+        context = self._context(req)
         draft: list[int] = []
         scores: list[float] = []
         prob = 1.0
         limit = req.max_draft_tokens
         first = True
+        matches = None
         while len(draft) < limit:
-            m, node = st.trie.longest_match(context, o.max_depth - 1)
-            if self._global_tokens and not req.isolated:
-                gm, gnode = self._global.longest_match(context, o.max_depth - 1)
-                if gm > m:
-                    m, node = gm, gnode
+            matches = self._matches(st, req, context, matches)
+            m, node = self._best(matches)
             if node is None or m < o.min_match:
                 break
             if first:
@@ -226,3 +277,32 @@ class SuffixProposer(Proposer):
             scores.append(p)
             context.append(best_tok)
         return DraftTree.chain(draft, scores)
+
+    def _draft_tree(self, st: _RequestState, req: DraftRequest) -> DraftTree:
+        o: SuffixOptions = self.options
+        if req.max_draft_tokens <= 0:
+            return DraftTree.empty()
+        base = self._context(req)
+        root = self._matches(st, req, base)
+        m = self._best(root)[0]
+        if m < o.min_match:
+            return DraftTree.empty()
+        # Matches per expanded path, so a child's match extends its parent's.
+        seen: dict[tuple[int, ...], tuple[_Match, _Match]] = {(): root}
+
+        def expand(path: Sequence[int]) -> list[tuple[int, float]]:
+            path = tuple(path)
+            matches = seen.get(path)
+            if matches is None:
+                matches = seen[path] = self._matches(st, req, base + list(path), seen[path[:-1]])
+            m, node = self._best(matches)
+            if node is None or m < o.min_match:
+                return []
+            kids = node.children.items()
+            total = sum(child.count for _, child in kids)
+            # sorted() is stable: equal counts keep trie order, as the chain's argmax does.
+            top = sorted(kids, key=lambda kv: -kv[1].count)[:o.max_branches]
+            return [(tok, child.count / total) for tok, child in top]
+
+        return best_first(expand, req.max_draft_tokens, min_path_prob=o.min_token_prob,
+                          max_depth=max(1, int(o.max_spec_factor * m)))

@@ -16,6 +16,7 @@ import functools
 import time
 
 import numpy as np
+import torch
 
 from spec_plugins.cost import CostModel
 from spec_plugins.proposers import proposer_class
@@ -28,6 +29,27 @@ from spec_plugins.vllm.version import logger
 # Prior slope of the step-time curve, as a fraction of a one-token step per extra query
 # token (float32 on a CPU: ~0.1); online calibration replaces it within a few steps.
 PRIOR_PER_TOKEN = 0.1
+
+
+class TreeStats:
+    """Counts of verified branching trees, logged like vLLM's SpecDecoding metrics."""
+
+    INTERVAL = 10.0
+
+    def __init__(self) -> None:
+        self.trees = self.nodes = self.accepted = 0
+        self._last_log = time.monotonic()
+
+    def record(self, trees, verdicts) -> None:
+        self.trees += len(trees)
+        self.nodes += sum(len(t) for t in trees)
+        self.accepted += sum(v.num_accepted for v in verdicts)
+        now = time.monotonic()
+        if now - self._last_log >= self.INTERVAL:
+            self._last_log = now
+            logger.info("spec_plugins: draft trees verified: %d, mean nodes per tree: %.1f, "
+                        "mean accepted tokens per tree: %.2f", self.trees,
+                        self.nodes / self.trees, self.accepted / self.trees)
 
 
 class VllmDrafter:
@@ -53,6 +75,7 @@ class VllmDrafter:
             patches.install_tree_hooks()
         # Trees drafted last step, verified by tree_step in this one (req_id -> tree).
         self.pending_trees: dict[str, DraftTree] = {}
+        self.tree_stats = TreeStats()
         self.rng = np.random.default_rng()
         self._topk: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._active: set[str] = set()
@@ -174,18 +197,23 @@ class VllmDrafter:
 
     def observe_logits(self, runner, logits, spec_decode_metadata) -> None:
         """Keep the target's top-k next tokens at every position it just scored, with
-        the token at that position, per request (``StepContext.target_topk``)."""
-        if logits is None or spec_decode_metadata is None:
+        the token at that position, per request (``StepContext.target_topk``). Rows are
+        the root and every draft node of a request, or its last scheduled token."""
+        if logits is None:
             return
-        k = self.proposer.topk
-        ids = logits.topk(k, dim=-1).indices.numpy()
-        idx = spec_decode_metadata.logits_indices
-        tokens = runner.input_ids.gpu[idx].numpy()
+        num_reqs = runner.input_batch.num_reqs
+        if spec_decode_metadata is not None:
+            idx = spec_decode_metadata.logits_indices
+            counts = [n + 1 for n in spec_decode_metadata.num_draft_tokens]
+        else:
+            idx = torch.from_numpy(runner.query_start_loc.np[1:num_reqs + 1] - 1)
+            counts = [1] * num_reqs
+        ids = logits[: len(idx)].topk(self.proposer.topk, dim=-1).indices.cpu().numpy()
+        tokens = runner.input_ids.gpu[idx].cpu().numpy()
         start = 0
-        for i, n in enumerate(spec_decode_metadata.num_draft_tokens):
-            req_id = runner.input_batch.req_ids[i]
-            self._topk[req_id] = (tokens[start:start + n + 1], ids[start:start + n + 1])
-            start += n + 1
+        for req_id, n in zip(runner.input_batch.req_ids, counts):
+            self._topk[req_id] = (tokens[start:start + n], ids[start:start + n])
+            start += n
 
     def _finish(self, req_id: str) -> None:
         self.proposer.finish(req_id)

@@ -200,6 +200,7 @@ def install_tree_hooks() -> None:
                                             bonus_token_ids, sampling_metadata,
                                             runner.drafter.rng)
                 tree_step.compact_kv(step, verdicts, runner.kv_caches)
+                runner.drafter.tree_stats.record(step.trees, verdicts)
             return out
         return rejection_sample
 

@@ -88,7 +88,7 @@ def begin(runner, scheduler_output, pending: dict[str, DraftTree]) -> TreeStep |
         # topological order is still a tree. Anything else is not ours to verify.
         if n == 0 or q_lens[i] != n + 1 or list(drafted) != tree.tokens[:n]:
             continue
-        sub = DraftTree(tokens=tree.tokens[:n], parents=tree.parents[:n], scores=tree.scores[:n])
+        sub = tree.prefix(n)
         if not sub.is_chain:
             rows.append(i)
             trees.append(sub)

@@ -131,3 +131,135 @@ def test_isolated_requests_ignore_other_requests_outputs():
     r.isolated = True
     (tree,) = prop.propose([r], StepContext())
     assert tree.tokens == []
+
+
+# ---- trees ----------------------------------------------------------------------
+
+from spec_plugins.builders import fit_batch  # noqa: E402
+from spec_plugins.cost import CostModel  # noqa: E402
+from spec_plugins.proposers.suffix import _follow  # noqa: E402
+
+AMBIGUOUS = [2, 3, 4, 0, 2, 3, 4, 0, 2, 3, 5, 9, 2, 3]  # after [2, 3]: 4 twice, 5 once
+
+
+def paths(tree):
+    """{root-to-node token path: node score}"""
+    return {tuple(tree.tokens[j] for j in tree.path_to(i)): s for i, s in enumerate(tree.scores)}
+
+
+def check_tree(tree, max_nodes):
+    tree.validate()
+    assert len(tree) <= max_nodes
+    pp = tree.path_probs()
+    assert all(a >= b for a, b in zip(pp, pp[1:]))   # decreasing path probability
+
+
+def test_tree_keeps_the_alternatives_scored_by_count_share():
+    prop = SuffixProposer({"max_spec_factor": 1.0})   # a match of 2: two levels
+    (tree,) = prop.propose([req("a", AMBIGUOUS, len(AMBIGUOUS))], StepContext())
+    check_tree(tree, 8)
+    assert paths(tree) == pytest.approx({(4,): 2 / 3, (4, 0): 1.0, (5,): 1 / 3, (5, 9): 1.0})
+    assert tree.tokens[0] == 4 and not tree.is_chain
+    # The chain keeps only the most frequent continuation.
+    (chain,) = SuffixProposer({"tree": False}).propose(
+        [req("a", AMBIGUOUS, len(AMBIGUOUS))], StepContext())
+    assert chain.is_chain and chain.tokens == [4, 0]
+
+
+def test_max_branches_and_min_token_prob_prune_the_tree():
+    seq = [1, 7, 1, 7, 1, 7, 1, 8, 1, 9, 1]   # after 1: 7 three times, 8 and 9 once
+    (tree,) = SuffixProposer({"max_branches": 2}).propose([req("a", seq, len(seq))], StepContext())
+    assert [tree.tokens[i] for i in tree.children(-1)] == [7, 8]
+    assert [tree.scores[i] for i in tree.children(-1)] == pytest.approx([3 / 5, 1 / 5])
+    (tree,) = SuffixProposer({"min_token_prob": 0.3}).propose([req("a", seq, len(seq))], StepContext())
+    assert [tree.tokens[i] for i in tree.children(-1)] == [7]
+
+
+def random_requests(seed, n=6):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        seq = rng.integers(0, 4, size=int(rng.integers(20, 80))).tolist()
+        out.append(req(f"r{i}", seq, len(seq) // 2, k=int(rng.integers(1, 24))))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_beats_or_equals_the_chain_and_one_branch_is_the_chain(seed):
+    opts = {"max_spec_factor": 4.0, "min_token_prob": 0.01}
+    reqs = random_requests(seed)
+    trees = SuffixProposer(opts).propose(reqs, StepContext())
+    chains = SuffixProposer({**opts, "tree": False}).propose(reqs, StepContext())
+    narrow = SuffixProposer({**opts, "max_branches": 1}).propose(reqs, StepContext())
+    for r, tree, chain, one in zip(reqs, trees, chains, narrow):
+        check_tree(tree, r.max_draft_tokens)
+        assert chain.is_chain and len(chain) <= r.max_draft_tokens
+        assert sum(tree.path_probs()) >= sum(chain.path_probs()) - 1e-9
+        assert (one.tokens, one.parents, one.scores) == (chain.tokens, chain.parents, chain.scores)
+
+
+def test_chains_when_trees_are_off_or_not_verifiable():
+    r = req("a", AMBIGUOUS, len(AMBIGUOUS))
+    (off,) = SuffixProposer({"tree": False}).propose([r], StepContext())
+    r.tree_ok = False
+    (no_tree,) = SuffixProposer().propose([r], StepContext())
+    assert off.is_chain and no_tree.is_chain and len(off) == 2
+    assert (off.tokens, off.scores) == (no_tree.tokens, no_tree.scores)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5])
+def test_tree_respects_max_draft_tokens(k):
+    seq = np.random.default_rng(0).integers(0, 3, size=200).tolist()
+    (tree,) = SuffixProposer({"max_spec_factor": 8.0, "min_token_prob": 0.0}).propose(
+        [req("a", seq, 100, k=k)], StepContext())
+    check_tree(tree, k)
+    assert len(tree) == k   # plenty of candidates: the budget binds
+
+
+def test_incremental_match_equals_a_full_search():
+    rng = np.random.default_rng(1)
+    trie = SuffixTrie(max_depth=6)
+    trie.add_sequence(rng.integers(0, 3, size=300).tolist())
+    for _ in range(200):
+        ctx = rng.integers(0, 4, size=int(rng.integers(1, 12))).tolist()
+        prev = trie.longest_match(ctx, 5)
+        for t in range(4):
+            assert _follow(trie, ctx + [t], prev) == trie.longest_match(ctx + [t], 5)
+
+
+def test_the_cost_model_cuts_trees_to_prefixes_across_the_batch():
+    opts = {"max_spec_factor": 4.0, "min_token_prob": 0.0}
+    reqs = random_requests(5, n=8)
+    full = SuffixProposer(opts).propose(reqs, StepContext())
+    cpu = CostModel({1: 32, 6: 53, 8: 61, 16: 92})
+    cut = SuffixProposer(opts).propose(reqs, StepContext(cost=cpu, batch_tokens=8))
+    assert sum(map(len, cut)) < sum(map(len, full))
+    for f, c in zip(full, cut):
+        assert (c.tokens, c.parents) == (f.tokens[:len(c)], f.parents[:len(c)])
+    assert fit_batch(full, None, 8) == full
+
+
+def sampled_text(target, rng, n, temperature=1.0):
+    out = rng.integers(0, target.vocab, size=2).tolist()
+    for _ in range(n):
+        logits = target.logits(out) / temperature
+        p = np.exp(logits - logits.max())
+        out.append(int(rng.choice(target.vocab, p=p / p.sum())))
+    return out
+
+
+def test_trees_decode_exactly_like_greedy_and_accept_more_than_chains(run, toy):
+    """Prompts sampled from the toy target hold several continuations per context;
+    greedy decoding follows the argmax, which is not always the most frequent."""
+    acc = {"tree": [], "chain": []}
+    for seed in range(3):
+        target = toy(vocab=32, mix=0.5, seed=seed)
+        rng = np.random.default_rng(seed)
+        prompts = [sampled_text(target, rng, 300) for _ in range(2)]
+        for mode, opts in [("tree", {}), ("chain", {"tree": False})]:
+            outs, accepted = run(SuffixProposer(opts), target, prompts, 60, max_draft=8)
+            assert outs == [target.greedy(p, 60) for p in prompts]
+            acc[mode] += [a for steps in accepted for a in steps]
+    tree, chain = np.mean(acc["tree"]), np.mean(acc["chain"])
+    print(f"mean accepted: tree {tree:.2f}, chain {chain:.2f}")
+    assert tree > chain + 0.2 and chain > 1.0

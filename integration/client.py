@@ -1,0 +1,36 @@
+"""OpenAI-client helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from prompts import prompts
+
+MAX_TOKENS = 96
+CONVERSATIONS = prompts("code_edit", 4) + prompts("humaneval", 2) + prompts("chat", 2)
+
+
+def complete(url, messages, **kw):
+    """Token ids of one chat completion (``return_token_ids``)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
+    extra = {"return_token_ids": True, **kw.pop("extra_body", {})}
+    r = client.chat.completions.create(model="default", messages=messages,
+                                       max_tokens=kw.pop("max_tokens", MAX_TOKENS),
+                                       extra_body=extra, **kw)
+    choice = r.choices[0]
+    return list(choice.token_ids or []) or choice.message.content
+
+
+def run_all(url, conversations=CONVERSATIONS, **kw):
+    """Greedy outputs one request at a time, then all of them concurrently."""
+    batch1 = [complete(url, m, temperature=0, **kw) for m in conversations]
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        batch8 = list(pool.map(lambda m: complete(url, m, temperature=0, **kw), conversations))
+    return batch1, batch8
+
+
+def banned_token(tokens):
+    """The most frequent token of an output: banning it changes the output early."""
+    return max(set(tokens), key=tokens.count)
