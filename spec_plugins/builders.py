@@ -68,16 +68,20 @@ def best_first(expand: Expand, max_nodes: int, cost: CostModel | None = None,
     return _tree_from(picked)
 
 
-def fit_batch(trees: Sequence[DraftTree], cost: CostModel | None,
-              batch_tokens: int) -> list[DraftTree]:
+def fit_batch(trees: Sequence[DraftTree], cost: CostModel | None, batch_tokens: int,
+              fixed: Sequence[bool] | None = None) -> list[DraftTree]:
     """Cut each request's tree to its share of the batch's draft budget. Each tree's
     nodes must be in decreasing path probability (then every kept prefix is a tree and
     the gains are non-increasing, as ``allocate`` requires); ``batch_tokens`` are the
-    tokens the step computes anyway, one output each. No cost model: trees as given."""
+    tokens the step computes anyway, one output each. No cost model: trees as given.
+    ``fixed[i]``: keep tree ``i`` as built (isolated requests: their drafts must not
+    depend on timing or on other requests, or seeded sampling is not reproducible)."""
     if cost is None:
         return list(trees)
-    keep = allocate([t.path_probs() for t in trees], batch_tokens, batch_tokens, cost)
-    return [t.prefix(k) for t, k in zip(trees, keep)]
+    fixed = fixed or [False] * len(trees)
+    gains = [[] if f else t.path_probs() for t, f in zip(trees, fixed)]
+    keep = allocate(gains, batch_tokens, batch_tokens, cost)
+    return [t if f else t.prefix(k) for t, k, f in zip(trees, keep, fixed)]
 
 
 def eagle2(expand: Expand, top_k: int, depth: int, total_tokens: int) -> DraftTree:

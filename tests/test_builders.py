@@ -96,3 +96,15 @@ def test_eagle2_is_a_beam_search_bounded_by_the_optimum():
     # With a beam wide enough to see every node it finds the optimal tree.
     wide = eagle2(expand, top_k=3 ** 5, depth=5, total_tokens=6)
     assert expected_length(wide) == pytest.approx(expected_length(best_first(expand, max_nodes=6)))
+
+
+def test_fit_batch_keeps_fixed_trees_whole_and_cuts_the_others():
+    from spec_plugins.builders import fit_batch
+    from spec_plugins.cost import CostModel
+    from spec_plugins.tree import DraftTree
+
+    weak = DraftTree.chain([1, 2, 3, 4], [0.3, 0.3, 0.3, 0.3])
+    cost = CostModel.linear(1.0, 0.5)  # an extra token costs half a step
+    cut, kept = fit_batch([weak, weak], cost, batch_tokens=2, fixed=[False, True])
+    assert len(cut) < len(weak)
+    assert kept is weak

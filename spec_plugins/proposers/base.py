@@ -57,9 +57,10 @@ class DraftRequest:
     max_draft_tokens: int
     # Draft tokens of the previous step that were accepted (None: no previous draft).
     num_accepted: int | None = None
-    # Draft from this request's own tokens only. Set for seeded sampling: the verifier
-    # draws its random numbers per draft, so drafts that depend on other requests would
-    # make a seeded request's output depend on what else the server has served.
+    # Draft from this request's own tokens only, sized without the timing-based cost
+    # model. Set for seeded sampling: the verifier draws its random numbers per draft, so
+    # drafts that depend on other requests or on step times would make a seeded
+    # request's output depend on what else the server has served, and when.
     isolated: bool = False
     # The engine can verify a branching tree for this request. False: return a chain
     # (e.g. repetition penalties or logprobs, which vLLM computes by draft position).

@@ -168,7 +168,8 @@ class RecyclingProposer(Proposer):
         self._learn(requests, ctx)
         drafts = [self._draft(req) for req in requests]
         # best_first lists nodes in decreasing path probability, as fit_batch needs.
-        return fit_batch(drafts, ctx.cost, ctx.batch_tokens)
+        return fit_batch(drafts, ctx.cost, ctx.batch_tokens,
+                         [r.isolated for r in requests])
 
     def _draft(self, req: DraftRequest) -> DraftTree:
         o: RecyclingOptions = self.options

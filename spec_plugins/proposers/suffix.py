@@ -223,7 +223,8 @@ class SuffixProposer(Proposer):
             tree = self.options.tree and req.tree_ok
             drafts.append(self._draft_tree(st, req) if tree else self._draft(st, req))
         # Chains and best-first trees both list nodes in decreasing path probability.
-        return fit_batch(drafts, ctx.cost, ctx.batch_tokens)
+        return fit_batch(drafts, ctx.cost, ctx.batch_tokens,
+                         [r.isolated for r in requests])
 
     def _matches(self, st: _RequestState, req: DraftRequest, context: list[int],
                  prev: tuple[_Match, _Match] | None = None) -> tuple[_Match, _Match]:
