@@ -55,7 +55,9 @@ def test_tree_greedy_outputs_equal_vanilla(vanilla, tree_server):
         assert s == v, f"{method}, batch 1, prompt {i}: tree output differs from vanilla"
     for i, (v, s) in enumerate(zip(vanilla[1], batch8)):
         assert s == v, f"{method}, 8 concurrent, prompt {i}: tree output differs from vanilla"
-    assert mean_acceptance_length(spec_metrics(url)) > 1.2
+    # Half of the prompts edit code they quote: suffix drafts long; recycling's one-token
+    # successor table accepts less (1.26 measured) but must accept something.
+    assert mean_acceptance_length(spec_metrics(url)) > {"suffix": 1.5, "recycling": 1.1}[method]
     if method == "suffix":
         # Recycling's siblings rarely pay for their verify time on this CPU (its cost
         # model keeps chains, see integration/RESULTS.md); suffix trees must branch.
