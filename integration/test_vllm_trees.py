@@ -105,10 +105,10 @@ def test_seeded_sampling_with_trees_is_reproducible(tree_server):
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model):
-    """A KV cache of 4 blocks (512 tokens) for 8 concurrent requests of 140-330 tokens:
+    """A KV cache of 5 blocks (640 tokens) for 8 concurrent requests of 140-330 tokens:
     the scheduler must preempt requests (freeing their blocks mid-tree) and recompute
     them later."""
-    extra = ["--kv-cache-memory-bytes", "24M", "--max-model-len", "512"]
+    extra = ["--kv-cache-memory-bytes", "32M", "--max-model-len", "512"]
     with vllm_server(default_model, TREE_METHODS["suffix"], extra=extra) as url:
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))
