@@ -33,7 +33,8 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     # size is cut per step by the verify-cost model, like the chains' length.
     "suffix-chain": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8},
                      {"spec_plugins": {"tree": False}}),
-    "suffix-tree": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 16}, None),
+    "suffix-tree": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 16},
+                    {"spec_plugins": {"tree": True}}),
     "recycling-chain": ({"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 8},
                         {"spec_plugins": {"tree": False}}),
     "recycling-tree": ({"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 16},

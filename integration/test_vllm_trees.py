@@ -26,6 +26,7 @@ TREE_METHODS = {
     "suffix": {"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 12},
     "recycling": {"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 12},
 }
+TREES_ON = {"spec_plugins": {"tree": True}}
 
 
 def trees_verified(log_path: str) -> int:
@@ -44,7 +45,8 @@ def counter(url: str, name: str) -> float:
 def tree_server(request, default_model):
     log = tempfile.NamedTemporaryFile(prefix=f"vllm-{request.param}-", suffix=".log",
                                       delete=False).name
-    with vllm_server(default_model, TREE_METHODS[request.param], log_path=log) as url:
+    with vllm_server(default_model, TREE_METHODS[request.param], TREES_ON,
+                     log_path=log) as url:
         yield request.param, url, log
 
 
@@ -109,7 +111,7 @@ def test_preempted_requests_equal_vanilla(vanilla, default_model):
     the scheduler must preempt requests (freeing their blocks mid-tree) and recompute
     them later."""
     extra = ["--kv-cache-memory-bytes", "32M", "--max-model-len", "512"]
-    with vllm_server(default_model, TREE_METHODS["suffix"], extra=extra) as url:
+    with vllm_server(default_model, TREE_METHODS["suffix"], TREES_ON, extra=extra) as url:
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))
         preempted = counter(url, "vllm:num_preemptions_total")

@@ -155,7 +155,7 @@ def check_tree(tree, max_nodes):
 
 
 def test_tree_keeps_the_alternatives_scored_by_count_share():
-    prop = SuffixProposer({"max_spec_factor": 1.0})   # a match of 2: two levels
+    prop = SuffixProposer({"tree": True, "max_spec_factor": 1.0})   # a match of 2: two levels
     (tree,) = prop.propose([req("a", AMBIGUOUS, len(AMBIGUOUS))], StepContext())
     check_tree(tree, 8)
     assert paths(tree) == pytest.approx({(4,): 2 / 3, (4, 0): 1.0, (5,): 1 / 3, (5, 9): 1.0})
@@ -168,10 +168,10 @@ def test_tree_keeps_the_alternatives_scored_by_count_share():
 
 def test_max_branches_and_min_token_prob_prune_the_tree():
     seq = [1, 7, 1, 7, 1, 7, 1, 8, 1, 9, 1]   # after 1: 7 three times, 8 and 9 once
-    (tree,) = SuffixProposer({"max_branches": 2}).propose([req("a", seq, len(seq))], StepContext())
+    (tree,) = SuffixProposer({"tree": True, "max_branches": 2}).propose([req("a", seq, len(seq))], StepContext())
     assert [tree.tokens[i] for i in tree.children(-1)] == [7, 8]
     assert [tree.scores[i] for i in tree.children(-1)] == pytest.approx([3 / 5, 1 / 5])
-    (tree,) = SuffixProposer({"min_token_prob": 0.3}).propose([req("a", seq, len(seq))], StepContext())
+    (tree,) = SuffixProposer({"tree": True, "min_token_prob": 0.3}).propose([req("a", seq, len(seq))], StepContext())
     assert [tree.tokens[i] for i in tree.children(-1)] == [7]
 
 
@@ -188,9 +188,9 @@ def random_requests(seed, n=6):
 def test_tree_beats_or_equals_the_chain_and_one_branch_is_the_chain(seed):
     opts = {"max_spec_factor": 4.0, "min_token_prob": 0.01}
     reqs = random_requests(seed)
-    trees = SuffixProposer(opts).propose(reqs, StepContext())
-    chains = SuffixProposer({**opts, "tree": False}).propose(reqs, StepContext())
-    narrow = SuffixProposer({**opts, "max_branches": 1}).propose(reqs, StepContext())
+    trees = SuffixProposer({"tree": True, **opts}).propose(reqs, StepContext())
+    chains = SuffixProposer({"tree": True, **opts, "tree": False}).propose(reqs, StepContext())
+    narrow = SuffixProposer({"tree": True, **opts, "max_branches": 1}).propose(reqs, StepContext())
     for r, tree, chain, one in zip(reqs, trees, chains, narrow):
         check_tree(tree, r.max_draft_tokens)
         assert chain.is_chain and len(chain) <= r.max_draft_tokens
@@ -202,7 +202,7 @@ def test_chains_when_trees_are_off_or_not_verifiable():
     r = req("a", AMBIGUOUS, len(AMBIGUOUS))
     (off,) = SuffixProposer({"tree": False}).propose([r], StepContext())
     r.tree_ok = False
-    (no_tree,) = SuffixProposer().propose([r], StepContext())
+    (no_tree,) = SuffixProposer({"tree": True}).propose([r], StepContext())
     assert off.is_chain and no_tree.is_chain and len(off) == 2
     assert (off.tokens, off.scores) == (no_tree.tokens, no_tree.scores)
 
@@ -210,7 +210,7 @@ def test_chains_when_trees_are_off_or_not_verifiable():
 @pytest.mark.parametrize("k", [0, 1, 2, 5])
 def test_tree_respects_max_draft_tokens(k):
     seq = np.random.default_rng(0).integers(0, 3, size=200).tolist()
-    (tree,) = SuffixProposer({"max_spec_factor": 8.0, "min_token_prob": 0.0}).propose(
+    (tree,) = SuffixProposer({"tree": True, "max_spec_factor": 8.0, "min_token_prob": 0.0}).propose(
         [req("a", seq, 100, k=k)], StepContext())
     check_tree(tree, k)
     assert len(tree) == k   # plenty of candidates: the budget binds
@@ -230,9 +230,9 @@ def test_incremental_match_equals_a_full_search():
 def test_the_cost_model_cuts_trees_to_prefixes_across_the_batch():
     opts = {"max_spec_factor": 4.0, "min_token_prob": 0.0}
     reqs = random_requests(5, n=8)
-    full = SuffixProposer(opts).propose(reqs, StepContext())
+    full = SuffixProposer({"tree": True, **opts}).propose(reqs, StepContext())
     cpu = CostModel({1: 32, 6: 53, 8: 61, 16: 92})
-    cut = SuffixProposer(opts).propose(reqs, StepContext(cost=cpu, batch_tokens=8))
+    cut = SuffixProposer({"tree": True, **opts}).propose(reqs, StepContext(cost=cpu, batch_tokens=8))
     assert sum(map(len, cut)) < sum(map(len, full))
     for f, c in zip(full, cut):
         assert (c.tokens, c.parents) == (f.tokens[:len(c)], f.parents[:len(c)])
@@ -256,8 +256,8 @@ def test_trees_decode_exactly_like_greedy_and_accept_more_than_chains(run, toy):
         target = toy(vocab=32, mix=0.5, seed=seed)
         rng = np.random.default_rng(seed)
         prompts = [sampled_text(target, rng, 300) for _ in range(2)]
-        for mode, opts in [("tree", {}), ("chain", {"tree": False})]:
-            outs, accepted = run(SuffixProposer(opts), target, prompts, 60, max_draft=8)
+        for mode, opts in [("tree", {"tree": True}), ("chain", {"tree": False})]:
+            outs, accepted = run(SuffixProposer({"tree": True, **opts}), target, prompts, 60, max_draft=8)
             assert outs == [target.greedy(p, 60) for p in prompts]
             acc[mode] += [a for steps in accepted for a in steps]
     tree, chain = np.mean(acc["tree"]), np.mean(acc["chain"])
