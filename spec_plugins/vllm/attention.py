@@ -37,13 +37,13 @@ class TreeCPUAttentionMetadata(CPUAttentionMetadata):
 class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        md = TreeCPUAttentionMetadata(**md.__dict__)
         step = tree_step.current()
         cm = common_attn_metadata
         if (step is None or cm.num_reqs != step.num_reqs
                 or cm.num_actual_tokens != step.num_tokens
                 or self.is_cross_attention or self.is_encoder_only_attention):
-            return md
+            return md  # vLLM's own metadata: the impl then runs vLLM's kernel
+        md = TreeCPUAttentionMetadata(**md.__dict__)
         rows = torch.from_numpy(step.rows)
         md.tree = tree_attention.plan(step.prefix_lens, [t.parents for t in step.trees],
                                       cm.block_table_tensor.index_select(0, rows),

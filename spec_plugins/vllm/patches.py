@@ -167,9 +167,7 @@ def install_tree_hooks() -> None:
             result = orig(self, scheduler_output, *args, **kwargs)
             drafter = getattr(self, "drafter", None)
             if isinstance(drafter, VllmDrafter):
-                step = tree_step.begin(self, scheduler_output, drafter.pending_trees)
-                if step is not None:
-                    step.extra["runner"] = self
+                tree_step.begin(self, scheduler_output, drafter.pending_trees)
             else:
                 tree_step.end()
             return result
@@ -195,7 +193,7 @@ def install_tree_hooks() -> None:
                        *args, **kwargs)
             step = tree_step.current()
             if step is not None:
-                runner = step.extra["runner"]
+                runner = step.runner
                 verdicts = tree_step.verify(step, out, num_draft_tokens, target_logits,
                                             bonus_token_ids, sampling_metadata,
                                             runner.drafter.rng)

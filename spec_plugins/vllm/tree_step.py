@@ -22,7 +22,8 @@ Chains (including truncated trees that became chains) go through vLLM's own path
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,6 @@ class TreeStep:
     num_reqs: int
     num_tokens: int
     rows: np.ndarray                  # batch rows with a branching tree
-    starts: np.ndarray                # query index of each row's root
     prefix_lens: np.ndarray           # computed tokens before each root
     trees: list[DraftTree]
     tree_tokens: torch.Tensor         # query indices of all tree rows' tokens, packed
@@ -49,7 +49,7 @@ class TreeStep:
     other_tokens: torch.Tensor
     slots: torch.Tensor | None = None  # KV slot of every packed tree token (set by attention)
     block_size: int = 0
-    extra: dict = field(default_factory=dict)
+    runner: Any = None                # the GPUModelRunner running the step
 
 
 _current: TreeStep | None = None
@@ -99,7 +99,12 @@ def begin(runner, scheduler_output, pending: dict[str, DraftTree]) -> TreeStep |
     rows = np.asarray(rows, dtype=np.int64)[order]
     trees = [trees[k] for k in order]
     prefix = batch.num_computed_tokens_cpu[rows].astype(np.int64)
-    tok = np.concatenate([starts[r] + np.arange(q_lens[r]) for r in rows])
+
+    def token_indices(rs):
+        return (np.concatenate([starts[r] + np.arange(q_lens[r]) for r in rs])
+                if len(rs) else np.zeros(0, dtype=np.int64))
+
+    tok = token_indices(rows)
     # Depth-based RoPE positions for the tree tokens (root depth 0).
     depth_list = []
     for t in trees:
@@ -109,12 +114,11 @@ def begin(runner, scheduler_output, pending: dict[str, DraftTree]) -> TreeStep |
     tok_t = torch.from_numpy(tok)
     runner.positions[tok_t] = torch.from_numpy(positions).to(runner.positions.dtype)
     other = np.setdiff1d(np.arange(num_reqs), rows)
-    other_tok = (np.concatenate([starts[r] + np.arange(q_lens[r]) for r in other])
-                 if len(other) else np.zeros(0, dtype=np.int64))
+    other_tok = token_indices(other)
     _current = TreeStep(
-        num_reqs=num_reqs, num_tokens=int(q_lens.sum()), rows=rows, starts=starts[rows],
+        num_reqs=num_reqs, num_tokens=int(q_lens.sum()), rows=rows,
         prefix_lens=prefix, trees=trees, tree_tokens=tok_t, other_rows=other,
-        other_q_lens=q_lens[other], other_tokens=torch.from_numpy(other_tok))
+        other_q_lens=q_lens[other], other_tokens=torch.from_numpy(other_tok), runner=runner)
     return _current
 
 

@@ -18,10 +18,9 @@ KVH, D, BS, V = 2, 32, 32, 50
 
 
 def step_for(trees, rows, prefix_lens, slots=None):
-    starts = np.cumsum([0] + [len(t) + 1 for t in trees])[:-1]
     return tree_step.TreeStep(
         num_reqs=max(rows) + 1, num_tokens=int(sum(len(t) + 1 for t in trees)),
-        rows=np.asarray(rows), starts=starts, prefix_lens=np.asarray(prefix_lens),
+        rows=np.asarray(rows), prefix_lens=np.asarray(prefix_lens),
         trees=trees, tree_tokens=torch.arange(sum(len(t) + 1 for t in trees)),
         other_rows=np.zeros(0, dtype=np.int64), other_q_lens=np.zeros(0, dtype=np.int64),
         other_tokens=torch.zeros(0, dtype=torch.long), slots=slots, block_size=BS)
