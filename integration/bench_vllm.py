@@ -9,13 +9,19 @@ vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vani
 
     python integration/bench_vllm.py                      # all configs, default model
     python integration/bench_vllm.py --configs suffix-chain suffix-tree --n 4 --max-tokens 128
+    python integration/bench_vllm.py --configs ngram swift del del-probe-all --n 6 --max-tokens 128
+
+Layer-skip methods also get the choices they logged (layer set, exit layers, acceptance
+per exit layer, draft and verify costs) printed after the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +45,19 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
                         {"spec_plugins": {"tree": False}}),
     "recycling-tree": ({"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 16},
                        None),
+    # Layer-skip self-speculation with default options: the method chooses its layers
+    # (reported from the server log) and how much to draft.
+    "swift": ({"model": "spec_plugins.vllm.swift", "num_speculative_tokens": 4}, None),
+    "del": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4}, None),
+    # Not a method to deploy: DEL probing every exit layer on every step measures the
+    # acceptance of drafts from each depth (the log's "acceptance per exit layer").
+    "del-probe-all": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
+                      {"spec_plugins": {"min_exit": 0.0, "max_exit": 1.0, "num_exits": 64,
+                                        "warmup_steps": 0, "probe_every": 1,
+                                        "log_every": 100}}),
 }
+# The choices a method logs: which layers it drafts with, what it measured.
+CHOICE_LOGS = re.compile(r"spec_plugins: (swift chose skip layers .*|del exit layers chosen .*)")
 
 
 def one(client, messages, max_tokens):
@@ -54,7 +72,7 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
 
     spec, extra = CONFIGS[name]
     results = {}
-    log = str(Path(log_dir) / f"{name}.log") if log_dir else None
+    log = str(Path(log_dir or tempfile.mkdtemp(prefix="bench-")) / f"{name}.log")
     with vllm_server(model, spec, extra, log_path=log) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200)
         # Warm-up on a prompt outside the measured ones.
@@ -79,7 +97,9 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
                 }
                 print(f"  {name:15s} {cat:10s} c={conc}: {results[(cat, conc)]['tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
-    return results
+    with open(log, errors="replace") as f:
+        choices = CHOICE_LOGS.findall(f.read())
+    return results, choices
 
 
 def main():
@@ -101,8 +121,10 @@ def main():
         a.configs.insert(0, "vanilla")
     if a.log_dir:
         Path(a.log_dir).mkdir(parents=True, exist_ok=True)
-    res = {c: run_config(c, a.model, a.categories, a.n, a.max_tokens, a.concurrency, a.log_dir)
-           for c in a.configs}
+    res, choices = {}, {}
+    for c in a.configs:
+        res[c], choices[c] = run_config(c, a.model, a.categories, a.n, a.max_tokens,
+                                        a.concurrency, a.log_dir)
 
     print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
           f"max_tokens {a.max_tokens}\n")
@@ -132,8 +154,14 @@ def main():
             same = sum(x == y for r, b in zip(rs, bs) for x, y in zip(r["outputs"], b["outputs"]))
             total = sum(len(b["outputs"]) for b in bs)
             print(f"| {c} | {conc} | {tps:.1f} | {tps / btps:.2f}x | {100 * same / total:.0f}% |")
+    for c in a.configs:
+        if choices[c]:
+            # First and last: the choice early in the run and where it ended.
+            print(f"\n{c}, first logged choice: {choices[c][0]}")
+            if len(choices[c]) > 1:
+                print(f"{c}, last logged choice: {choices[c][-1]}")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).write_text(json.dumps({"rows": rows, "choices": choices}, indent=1))
 
 
 if __name__ == "__main__":

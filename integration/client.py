@@ -31,6 +31,13 @@ def run_all(url, conversations=CONVERSATIONS, **kw):
     return batch1, batch8
 
 
+def assert_outputs_equal(expected, got, label: str) -> None:
+    """Per prompt, token for token (``label`` says which run, for the message)."""
+    assert len(expected) == len(got), f"{label}: {len(got)} outputs, expected {len(expected)}"
+    for i, (v, s) in enumerate(zip(expected, got)):
+        assert s == v, f"{label}, prompt {i}: output differs from vanilla"
+
+
 def banned_token(tokens):
     """The most frequent token of an output: banning it changes the output early."""
     return max(set(tokens), key=tokens.count)

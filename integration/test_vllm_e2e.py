@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from client import CONVERSATIONS, banned_token, complete, run_all
+from client import CONVERSATIONS, assert_outputs_equal, banned_token, complete, run_all
 from vllm_server import mean_acceptance_length, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -31,10 +31,8 @@ def test_greedy_outputs_equal_vanilla_at_batch_1_and_8(vanilla, suffix_server):
     batch1, batch8 = run_all(suffix_server)
     after = spec_metrics(suffix_server)
     assert all(isinstance(t, list) and t for t in batch1), "token ids expected in responses"
-    for i, (v, s) in enumerate(zip(vanilla[0], batch1)):
-        assert s == v, f"batch 1, prompt {i}: speculative output differs from vanilla"
-    for i, (v, s) in enumerate(zip(vanilla[1], batch8)):
-        assert s == v, f"8 concurrent, prompt {i}: speculative output differs from vanilla"
+    assert_outputs_equal(vanilla[0], batch1, "suffix chains, batch 1")
+    assert_outputs_equal(vanilla[1], batch8, "suffix chains, 8 concurrent")
     accepted = after.get("num_accepted_tokens", 0) - before.get("num_accepted_tokens", 0)
     drafts = after.get("num_drafts", 0) - before.get("num_drafts", 0)
     assert drafts > 0 and accepted > 0, f"spec metrics did not count accepted tokens: {after}"

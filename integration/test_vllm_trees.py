@@ -10,14 +10,13 @@ branching trees were verified, so a silent fallback to chains fails these tests.
 from __future__ import annotations
 
 import re
-import tempfile
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from client import CONVERSATIONS, MAX_TOKENS, complete, run_all
-from vllm_server import mean_acceptance_length, spec_metrics, vllm_server
+from client import CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, complete, run_all
+from vllm_server import (counter, log_file, mean_acceptance_length, spec_metrics,
+                         vllm_server)
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -35,16 +34,9 @@ def trees_verified(log_path: str) -> int:
     return int(found[-1]) if found else 0
 
 
-def counter(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                   if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 @pytest.fixture(scope="module", params=sorted(TREE_METHODS))
 def tree_server(request, default_model):
-    log = tempfile.NamedTemporaryFile(prefix=f"vllm-{request.param}-", suffix=".log",
-                                      delete=False).name
+    log = log_file(request.param)
     with vllm_server(default_model, TREE_METHODS[request.param], TREES_ON,
                      log_path=log) as url:
         yield request.param, url, log
@@ -53,10 +45,8 @@ def tree_server(request, default_model):
 def test_tree_greedy_outputs_equal_vanilla(vanilla, tree_server):
     method, url, log = tree_server
     batch1, batch8 = run_all(url)
-    for i, (v, s) in enumerate(zip(vanilla[0], batch1)):
-        assert s == v, f"{method}, batch 1, prompt {i}: tree output differs from vanilla"
-    for i, (v, s) in enumerate(zip(vanilla[1], batch8)):
-        assert s == v, f"{method}, 8 concurrent, prompt {i}: tree output differs from vanilla"
+    assert_outputs_equal(vanilla[0], batch1, f"{method} trees, batch 1")
+    assert_outputs_equal(vanilla[1], batch8, f"{method} trees, 8 concurrent")
     # Half of the prompts edit code they quote: suffix drafts long; recycling's one-token
     # successor table accepts less (1.26 measured) but must accept something.
     assert mean_acceptance_length(spec_metrics(url)) > {"suffix": 1.5, "recycling": 1.1}[method]
@@ -116,5 +106,4 @@ def test_preempted_requests_equal_vanilla(vanilla, default_model):
             outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))
         preempted = counter(url, "vllm:num_preemptions_total")
     assert preempted > 0, "the cache was large enough: nothing was preempted"
-    for i, (v, s) in enumerate(zip(vanilla[1], outs)):
-        assert s == v, f"prompt {i}: output differs from vanilla after preemption"
+    assert_outputs_equal(vanilla[1], outs, "after preemption")

@@ -63,6 +63,11 @@ def engine_env() -> dict[str, str]:
     return env
 
 
+def log_file(name: str) -> str:
+    """A fresh log path for a server named ``name`` (kept after the run)."""
+    return tempfile.NamedTemporaryFile(prefix=f"vllm-{name}-", suffix=".log", delete=False).name
+
+
 @contextlib.contextmanager
 def vllm_server(model: str, speculative_config: dict | None = None,
                 additional_config: dict | None = None, extra: list[str] = (),
@@ -114,6 +119,13 @@ def run_to_exit(model: str, speculative_config=None, additional_config=None,
 def tail(path: str, n: int = 40) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-n:])
+
+
+def counter(url: str, name: str) -> float:
+    """A Prometheus counter from ``/metrics``, summed over its labels."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 def spec_metrics(url: str) -> dict[str, float]:

@@ -13,6 +13,8 @@ from spec_plugins.options import OptionError
 METHODS: dict[str, str] = {
     "suffix": "spec_plugins.proposers.suffix:SuffixProposer",
     "recycling": "spec_plugins.proposers.recycling:RecyclingProposer",
+    "swift": "spec_plugins.proposers.swift:SwiftProposer",
+    "del": "spec_plugins.proposers.del_exit:DelProposer",
 }
 
 

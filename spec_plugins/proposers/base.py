@@ -34,6 +34,7 @@ own tokens alone (no cross-request caches).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Protocol, Sequence
@@ -68,14 +69,25 @@ class DraftRequest:
 
 
 class TargetModel(Protocol):
-    """Handle on the target model for self-speculative methods (layer skip)."""
+    """Handle on the target model for self-speculative methods (layer skip), valid for
+    one ``propose`` call. For each request the context KV is the target's own; the
+    handle keeps draft KV for positions from ``len(token_ids) - 1`` on, separate from
+    anything the target's verification reads."""
 
     num_layers: int
 
+    def room(self, req_id: str) -> int:
+        """How many draft forwards the request can take this step (positions from
+        ``len(token_ids) - 1`` on)."""
+
     def draft_forward(self, req_ids: Sequence[str], token_ids: Sequence[int],
-                      positions: Sequence[int], layers: Sequence[int]) -> Any:
-        """Run ``layers`` of the target (plus final norm and LM head) over one token per
-        request and return ``[len(req_ids), vocab]`` logits, writing only draft KV."""
+                      positions: Sequence[int], layers: Sequence[int],
+                      exits: Sequence[int] = ()) -> list:
+        """Run ``layers`` of the target (in that order; the others are skipped) over one
+        token per request, at consecutive positions per request starting at
+        ``len(token_ids) - 1``, writing only draft KV. Returns ``[len(req_ids), vocab]``
+        logits (final norm and LM head) after each count in ``exits`` of leading layers,
+        then after all of ``layers``."""
 
 
 @dataclass
@@ -104,6 +116,8 @@ class Proposer(ABC):
 
     #: The method's options dataclass (see ``spec_plugins.options``), if it has options.
     Options: ClassVar[type | None] = None
+    #: Where the method reports its choices (adapters set the engine's logger).
+    logger: logging.Logger = logging.getLogger("spec_plugins")
 
     def __init__(self, options: Any = None):
         """``options``: a parsed ``Options`` instance or a mapping to validate."""

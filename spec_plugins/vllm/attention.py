@@ -34,6 +34,25 @@ class TreeCPUAttentionMetadata(CPUAttentionMetadata):
     other_tokens: torch.Tensor | None = None
 
 
+def cpu_metadata(builder: CPUAttentionMetadataBuilder, query_start_loc, max_query_len: int,
+                 seq_lens, block_table, slot_mapping, causal: bool = True) -> CPUAttentionMetadata:
+    """vLLM CPU attention metadata for a batch the runner did not schedule (a sub-batch
+    of a tree step, a layer-skip draft step), with ``builder``'s model shape."""
+    b = builder
+    return CPUAttentionMetadata(
+        num_actual_tokens=int(query_start_loc[-1]), max_query_len=max_query_len,
+        query_start_loc=query_start_loc, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
+        block_table=block_table, slot_mapping=slot_mapping,
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(seq_lens), num_heads=b.num_heads, num_kv_heads=b.num_kv_heads,
+            head_dim=b.head_dim, seq_lens=seq_lens, dtype=b.dtype,
+            query_start_loc=query_start_loc, causal=causal,
+            sliding_window_size=b.window_size, isa=b.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
+            kv_cache_dtype=b.kv_cache_dtype),
+        causal=causal)
+
+
 class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -56,22 +75,10 @@ class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             qsl = torch.zeros(len(other) + 1, dtype=cm.query_start_loc.dtype)
             qsl[1:] = torch.from_numpy(np.cumsum(step.other_q_lens))
             seq_lens = cm.seq_lens.index_select(0, other)
-            md.other = CPUAttentionMetadata(
-                num_actual_tokens=len(step.other_tokens),
-                max_query_len=int(step.other_q_lens.max()),
-                query_start_loc=qsl,
-                max_seq_len=int(seq_lens.max()),
-                seq_lens=seq_lens,
-                block_table=cm.block_table_tensor.index_select(0, other),
-                slot_mapping=cm.slot_mapping.index_select(0, step.other_tokens),
-                scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
-                    num_reqs=len(other), num_heads=self.num_heads,
-                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                    seq_lens=seq_lens, dtype=self.dtype, query_start_loc=qsl,
-                    causal=md.causal, sliding_window_size=self.window_size, isa=self.isa,
-                    enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-                    dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype),
-                causal=md.causal)
+            md.other = cpu_metadata(self, qsl, int(step.other_q_lens.max()), seq_lens,
+                                    cm.block_table_tensor.index_select(0, other),
+                                    cm.slot_mapping.index_select(0, step.other_tokens),
+                                    causal=md.causal)
             md.other_tokens = step.other_tokens
         return md
 

@@ -64,12 +64,16 @@ class VllmDrafter:
         self.k = settings.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         self.proposer = proposer_class(self.method)(settings.options)
-        missing = set(self.proposer.needs) - {"target_topk"}
+        self.proposer.logger = logger
+        missing = set(self.proposer.needs) - {"target_topk", "target_model"}
         if missing:
             raise NotImplementedError(
                 f"spec_plugins method {self.method!r} needs {sorted(missing)}, "
                 "which the vLLM adapter does not supply yet")
         self.wants_topk = "target_topk" in self.proposer.needs
+        self.wants_model = "target_model" in self.proposer.needs
+        self.target_model = None
+        self.vllm_config = vllm_config
         self.trees = bool(self.proposer.makes_trees)
         if self.trees:
             patches.install_tree_hooks()
@@ -90,8 +94,12 @@ class VllmDrafter:
                     self.method, self.k, settings.options)
 
     # custom_class protocol -------------------------------------------------
-    def load_model(self, *args, **kwargs) -> None:
-        pass  # model-free methods; model-based ones will bind the target here
+    def load_model(self, target_model=None, *args, **kwargs) -> None:
+        """vLLM passes the loaded target; self-speculative methods draft with it."""
+        if self.wants_model:
+            from spec_plugins.vllm.target_model import VllmTargetModel
+
+            self.target_model = VllmTargetModel(target_model, self.vllm_config)
 
     def propose(self, *args, **kwargs):
         raise RuntimeError("spec_plugins drafters are driven through the runner hook "
@@ -126,7 +134,8 @@ class VllmDrafter:
         return self._req_info[req_id]
 
     def _calibrate(self, scheduler_output) -> None:
-        """Time between two calls = one engine step of the tokens it scheduled."""
+        """Time from the end of one drafting call to the start of the next = one engine
+        step of the tokens it scheduled."""
         now = time.perf_counter()
         n = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
         if self._t_last is not None and n > 0:
@@ -178,6 +187,9 @@ class VllmDrafter:
             ctx = StepContext(cost=self.cost, batch_tokens=len(sampled_token_ids))
             if self.wants_topk:
                 ctx.target_topk = [self._topk.get(r.req_id) for r in requests]
+            if self.wants_model:
+                self.target_model.bind(runner, {r.req_id: i for r, i in zip(requests, rows)})
+                ctx.target_model = self.target_model
             for i, req, tree in zip(rows, requests, self.proposer.propose(requests, ctx)):
                 if len(tree) > req.max_draft_tokens:
                     raise RuntimeError(
@@ -193,6 +205,8 @@ class VllmDrafter:
         self._topk.clear()
         for i, req_id in enumerate(batch.req_ids[:len(drafts)]):
             self._last_len[req_id] = len(drafts[i])
+        # The next step's time is measured from here: drafting is not part of it.
+        self._t_last = time.perf_counter()
         return drafts
 
     def observe_logits(self, runner, logits, spec_decode_metadata) -> None:
