@@ -38,7 +38,8 @@ def test_our_method_is_validated_when_vllm_builds_its_config(tiny_model):
 
 @pytest.mark.parametrize("spec,additional,msg", [
     ({"model": "spec_plugins.vllm.nope", "num_speculative_tokens": 4}, None,
-     "allowed values: spec_plugins.vllm.recycling, spec_plugins.vllm.suffix"),
+     "allowed values: spec_plugins.vllm.del, spec_plugins.vllm.recycling, "
+     "spec_plugins.vllm.suffix, spec_plugins.vllm.swift"),
     (SUFFIX, {"spec_plugins": {"max_depth": 1}}, r"max_depth=1 is out of range \[2, 256\]"),
     (SUFFIX, {"spec_plugins": {"colour": 1}}, "unknown option additional_config.spec_plugins.colour"),
     (None, {"spec_plugins": {"max_depth": 8}}, "does not select a spec_plugins method"),
