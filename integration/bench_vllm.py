@@ -53,7 +53,7 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     # acceptance of drafts from each depth (the log's "acceptance per exit layer").
     "del-probe-all": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
                       {"spec_plugins": {"min_exit": 0.0, "max_exit": 1.0, "num_exits": 64,
-                                        "warmup_steps": 0, "probe_every": 1,
+                                        "warmup_steps": 10**6, "probe_every": 1,
                                         "log_every": 100}}),
 }
 # The choices a method logs: which layers it drafts with, what it measured.

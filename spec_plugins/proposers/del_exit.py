@@ -20,7 +20,9 @@ Exit and length choice. Per request and candidate ``E``: the draft length that
 maximises committed tokens per second given the acceptance at ``E``, the draft cost of
 ``E`` layers (timed online, ``a + b * E``) and the verify cost per draft token (the
 adapter's cost model) (``layerskip.best_length``); the pair with the best rate wins,
-no draft at all if none beats not drafting. A draft also ends before its first token
+no draft at all if none beats not drafting. Above that, ``layerskip.PayoffGate`` turns
+drafting off (retrying now and then) while decoding cycles with drafts are measured to
+commit fewer tokens per second than cycles without. A draft also ends before its first token
 below ``min_confidence`` (dynamic draft exit). Every ``log_every`` steps the exits
 chosen and the acceptance per candidate are logged.
 
@@ -40,7 +42,8 @@ import torch
 
 from spec_plugins.options import OptionError, opt, parse_options
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
-from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, best_length,
+from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
+                                              best_length,
                                               chains_to_trees, describe_costs, draft_chains,
                                               step_costs)
 from spec_plugins.tree import DraftTree
@@ -84,6 +87,7 @@ class DelProposer(Proposer):
         self._steps = 0
         self._chosen: Counter = Counter()
         self.probing = Backoff(self.options.probe_every)
+        self.gate = PayoffGate()
 
     def _setup(self, num_layers: int) -> None:
         o = self.options
@@ -189,27 +193,32 @@ class DelProposer(Proposer):
                 self._probes[req.req_id] = (len(req.token_ids),
                                             {e: t for e, (t, _) in probed[i].items()})
 
+        allow = self.gate.begin(requests, ctx.batch_tokens)
         t_step, t_token = step_costs(ctx)
         groups: dict[int, list[int]] = {}
         lengths = list(limits)
         middle = self.exits[len(self.exits) // 2]
+        pays = False
         for i, req in enumerate(requests):
             if limits[i] <= 0:
                 continue
             if req.isolated:
                 e = middle
+            elif not allow:
+                continue
             elif o.exit_layer:
                 e = o.exit_layer
             else:
                 e, lengths[i] = self._choose(req, limits[i], t_step, t_token, len(requests))
                 if lengths[i] == 0:
                     continue
+                pays = True
                 self._chosen[e] += 1
             groups.setdefault(e, []).append(i)
             if i in probed:
                 first[i] = probed[i][e]
 
-        if not o.exit_layer and groups:
+        if pays:
             self.probing.paid(True)
         elif not o.exit_layer and due:
             self.probing.paid(False)   # probed, still nothing pays: wait longer
@@ -222,13 +231,14 @@ class DelProposer(Proposer):
                 trees[i] = tree
                 if len(tree):
                     self._pending[requests[i].req_id] = (e, len(tree), i in probed)
+        self.gate.end(any(len(t) for t in trees))
         if self._steps % o.log_every == 0 and not o.exit_layer:
             self.logger.info(
                 "spec_plugins: del exit layers chosen (last %d steps): %s; acceptance per "
                 "exit layer (recent): %s; first-token hit rate per exit layer (%d probes): "
-                "%s; %s", o.log_every, dict(sorted(self._chosen.items())),
+                "%s; %s; %s", o.log_every, dict(sorted(self._chosen.items())),
                 {e: round(a.rate, 3) for e, a in self.stream.items()}, self.probes,
                 {e: round(self.probe_hits[e] / max(self.probes, 1), 3) for e in self.exits},
-                describe_costs(ctx, self.timer, self._num_layers))
+                describe_costs(ctx, self.timer, self._num_layers), self.gate.describe())
             self._chosen.clear()
         return trees

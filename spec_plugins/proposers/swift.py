@@ -22,7 +22,10 @@ calibrated, each request drafts the length that maximises committed tokens per s
 given the set's acceptance, draft and verify costs (``layerskip.best_length``), which is
 0 when drafting does not pay; it then drafts anyway after ``explore_every`` steps, so the
 acceptance estimate stays current, at intervals that double (up to 256 steps) while
-drafting keeps not paying.
+drafting keeps not paying. Above both, ``layerskip.PayoffGate`` compares measured tokens
+per second of decoding cycles with and without drafts and turns drafting off (retrying
+now and then) when it is slower; every ``log_every`` steps the set, its acceptance and
+these measurements are logged.
 
 ``skip_layers`` fixes the set (no search). Requests marked ``isolated`` (seeded
 sampling) always use a fixed, evenly spread set and the longest allowed draft, so
@@ -38,7 +41,8 @@ import numpy as np
 
 from spec_plugins.options import OptionError, opt, parse_options
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
-from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, best_length,
+from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
+                                              best_length,
                                               chains_to_trees, describe_costs, draft_chains,
                                               step_costs)
 from spec_plugins.tree import DraftTree
@@ -60,6 +64,7 @@ class SwiftOptions:
                              help="when drafting does not pay, draft anyway after this many "
                                   "steps (doubling while it still does not pay, up to 256)")
     seed: int = opt(0, lo=0, hi=2**31 - 1, help="seed of the random search")
+    log_every: int = opt(256, lo=1, hi=10**9, help="steps between logs of what it measured")
 
     @classmethod
     def parse(cls, values, where="swift"):
@@ -130,6 +135,7 @@ class SwiftProposer(Proposer):
         self._pending: dict[str, tuple[tuple[int, ...], int]] = {}  # req -> (skip, drafted)
         self._steps = 0
         self.explore = Backoff(self.options.explore_every)
+        self.gate = PayoffGate()
 
     def _setup(self, num_layers: int) -> None:
         o = self.options
@@ -168,6 +174,7 @@ class SwiftProposer(Proposer):
         if len(self.search.tried) >= self.options.search_trials:
             self.skip, score = self.search.best()
             self.searching = False
+            self.gate.forget_drafting()
             self._search_done_at = self._steps
             self.logger.info(
                 "spec_plugins: swift chose skip layers %s (%d of %d layers run; acceptance "
@@ -212,6 +219,7 @@ class SwiftProposer(Proposer):
                   and self._steps - self._search_done_at >= self.options.search_every):
                 self._start_search()
 
+        allow = self.gate.begin(requests, ctx.batch_tokens) or self.searching
         limits = []
         t_step, t_token = step_costs(ctx)
         stats = self.stats.setdefault(self.skip, Acceptance())
@@ -219,7 +227,9 @@ class SwiftProposer(Proposer):
         t_draft = self.timer.time(len(self.layers(self.skip)), t_step * ctx.batch_tokens / self._num_layers)
         for req in requests:
             lim = min(req.max_draft_tokens, model.room(req.req_id))
-            if not req.isolated and not self.searching and not explore:
+            if not req.isolated and not allow:
+                lim = 0
+            elif not req.isolated and not self.searching and not explore:
                 lim = min(lim, best_length(stats.rate, lim, t_step,
                                            t_draft / len(requests), t_token)[0])
             limits.append(lim)
@@ -242,4 +252,10 @@ class SwiftProposer(Proposer):
                     self._pending[requests[i].req_id] = (skip, len(tree))
         if self.searching and any(len(trees[i]) for i in groups.get(self.skip, [])):
             self._trial[0] += 1
+        self.gate.end(any(len(t) for t in trees))
+        if self._steps % self.options.log_every == 0 and not self.searching:
+            self.logger.info(
+                "spec_plugins: swift skips layers %s; acceptance %.2f; %s; %s",
+                list(self.skip), stats.rate, self.gate.describe(),
+                describe_costs(ctx, self.timer, self._num_layers))
         return trees

@@ -4,7 +4,8 @@ The toy language: the target's next token after ``t`` is ``(7 t + 3) mod V``. A 
 forward predicts it only if it runs every "critical" layer (SWIFT) or exits at or after
 a given depth (DEL); otherwise it predicts a wrong token, with confidence either way.
 The tests run the proposers through simulated decoding (greedy verification against
-the toy target) and check what they learn and choose.
+the toy target, on a simulated clock: a step costs 1 s plus 0.05 s per draft token, a
+draft forward 0.02 s plus 0.01 s per layer) and check what they learn and choose.
 """
 
 from __future__ import annotations
@@ -17,11 +18,27 @@ from spec_plugins.cost import CostModel
 from spec_plugins.options import OptionError
 from spec_plugins.proposers.base import DraftRequest, StepContext
 from spec_plugins.proposers.del_exit import DelProposer
-from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, best_length,
-                                              draft_chains)
+from spec_plugins.proposers import layerskip
+from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
+                                              best_length, draft_chains)
 from spec_plugins.proposers.swift import LayerSetSearch, SwiftProposer
 
 V = 50
+
+
+class SimClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture(autouse=True)
+def sim_clock(monkeypatch):
+    clock = SimClock()
+    monkeypatch.setattr(layerskip, "clock", clock)
+    return clock
 
 
 def truth(tok: int) -> int:
@@ -51,6 +68,7 @@ class ToyTarget:
 
     def draft_forward(self, req_ids, token_ids, positions, layers, exits=()):
         self.calls.append((list(req_ids), list(positions), list(layers)))
+        layerskip.clock.t += 0.02 + 0.01 * len(layers)
         for r, p in zip(req_ids, positions):
             assert p == self.next_pos[r] or p == self.start[r], (r, p)
             self.next_pos[r] = p + 1
@@ -81,8 +99,8 @@ class Decoder:
         self.drafted = self.accepted_total = 0
 
     def step(self):
-        reqs = [DraftRequest(r, np.array(s), 1, s[-1:], self.k, self.accepted[r])
-                for r, s in self.seqs.items()]
+        reqs = [DraftRequest(r, np.array(s), 1, s[-1 - (self.accepted[r] or 0):], self.k,
+                             self.accepted[r]) for r, s in self.seqs.items()]
         self.t.bind(reqs)
         ctx = StepContext(cost=self.cost, batch_tokens=len(reqs), target_model=self.t)
         trees = self.p.propose(reqs, ctx)
@@ -99,6 +117,7 @@ class Decoder:
             self.accepted[req.req_id] = n if len(tree) else None
             self.drafted += len(tree)
             self.accepted_total += n
+        layerskip.clock.t += 1.0 + 0.05 * sum(len(t) for t in trees)
         return trees
 
 
@@ -147,6 +166,30 @@ def test_acceptance_timer_and_backoff():
     assert b.every == 2
 
 
+def test_payoff_gate_turns_drafting_off_when_measured_slower(sim_clock):
+    def cycle(gate, seconds_with, seconds_without, tokens_with):
+        allow = gate.begin([DraftRequest("a", np.array([1, 2]), 1, [2] * cycle.tokens, 4)], 1)
+        sim_clock.t += seconds_with if allow else seconds_without
+        cycle.tokens = tokens_with if allow else 1
+        gate.end(allow)
+        return allow
+    cycle.tokens = 1
+
+    gate = PayoffGate(window=4, retry_every=4, plain_every=8)
+    # drafting: 1.5 s per cycle for 3 tokens beats 1 s per token
+    allowed = [cycle(gate, 1.5, 1.0, 3) for _ in range(60)]
+    assert sum(allowed) >= 45 and not all(allowed)   # some plain cycles keep it honest
+    assert "with drafts 2.0 tok/s" in gate.describe()
+    # drafting: 2.5 s per cycle for 2 tokens loses; after a while it is mostly off,
+    # with ever rarer bursts that re-measure it
+    allowed = [cycle(gate, 2.5, 1.0, 2) for _ in range(300)]
+    assert sum(allowed[150:]) <= 12
+    assert "without drafts 1.0 tok/s" in gate.describe()
+    # and when drafting gets cheap again, a burst finds out
+    allowed = [cycle(gate, 1.2, 1.0, 4) for _ in range(400)]
+    assert sum(allowed[-50:]) >= 40
+
+
 def test_layer_set_search_finds_a_set_without_harmful_layers():
     layers = list(range(1, 21))
     bad = {3, 7, 11, 15, 19}
@@ -174,9 +217,9 @@ def test_swift_search_avoids_critical_layers_then_drafts_accurately(caplog):
     assert len(p.skip) == 4 and not set(p.skip) & {0, 2, 5, 8, 11}
     assert "swift chose skip layers" in caplog.text
     drafted, accepted = dec.drafted, dec.accepted_total
-    for _ in range(10):
+    for _ in range(20):
         dec.step()
-    assert dec.drafted - drafted == 10 * 2 * 4           # full drafts once it pays
+    assert dec.drafted - drafted >= 0.8 * 20 * 2 * 4   # full drafts (one plain cycle in 16)
     assert dec.accepted_total - accepted == dec.drafted - drafted
 
 
@@ -210,14 +253,17 @@ def test_del_learns_the_shallowest_accurate_exit():
     assert p.options.exit_layer == 0
     dec = Decoder(p, target, cost=CostModel.linear(1.0, 0.05))
     for _ in range(40):
-        trees = dec.step()
+        dec.step()
     assert p.exits == [6, 9, 12, 15, 18, 21, 24]
     rates = {e: a.rate for e, a in p.stream.items()}
     assert rates[18] > 0.8 and rates[15] < 0.3, rates
-    # drafting now uses exit 18: its calls run layers 0..17 and are accepted
-    assert target.calls[-1][2] == list(range(18))
-    assert all(len(t) == 4 for t in trees)
-    assert dec.accepted_total > 0.8 * dec.drafted
+    # drafting now uses exit 18 (probes run 24 layers): accepted, nearly every step
+    calls, drafted, accepted = len(target.calls), dec.drafted, dec.accepted_total
+    for _ in range(20):
+        dec.step()
+    assert {len(c[2]) for c in target.calls[calls:]} <= {18, 24}
+    assert dec.drafted - drafted >= 0.8 * 20 * 2 * 4
+    assert dec.accepted_total - accepted == dec.drafted - drafted
 
 
 def test_del_stops_drafting_and_backs_off_probes_when_nothing_pays():
