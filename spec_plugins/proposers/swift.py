@@ -55,7 +55,8 @@ class SwiftOptions:
                                     "empty: search")
     min_confidence: float = opt(0.6, lo=0.0, hi=1.0,
                                 help="end a draft before a token less likely than this")
-    trial_steps: int = opt(4, lo=1, hi=1000, help="steps each candidate set drafts in the search")
+    trial_steps: int = opt(4, lo=1, hi=1000, help="steps each candidate set drafts in the search "
+                                                  "(a step without a confident draft counts)")
     random_trials: int = opt(6, lo=1, hi=1000, help="random candidates before Bayesian ones")
     search_trials: int = opt(24, lo=1, hi=10000, help="candidates tried per search")
     search_every: int = opt(0, lo=0, hi=10**9,
@@ -81,7 +82,8 @@ def spread(candidates: Sequence[int], m: int) -> tuple[int, ...]:
 
 class LayerSetSearch:
     """Random search, then Thompson sampling from a Bayesian linear surrogate, over skip
-    sets of a fixed size; :meth:`best` is the best set observed."""
+    sets of a fixed size; :meth:`best` is the best set observed (a set whose drafts all
+stopped at low confidence scores 0)."""
 
     def __init__(self, candidates: Sequence[int], size: int, random_trials: int, seed: int,
                  noise: float = 0.05, prior_var: float = 0.05):
@@ -213,7 +215,7 @@ class SwiftProposer(Proposer):
                 self._trial[1] += acc + (1 if acc < drafted else 0)
                 self._trial[2] += acc
         if self.search is not None:
-            if self.searching and self._trial[0] >= self.options.trial_steps and self._trial[1]:
+            if self.searching and self._trial[0] >= self.options.trial_steps:
                 self._end_trial(ctx)
             elif (not self.searching and self.options.search_every
                   and self._steps - self._search_done_at >= self.options.search_every):
@@ -250,8 +252,8 @@ class SwiftProposer(Proposer):
                 trees[i] = tree
                 if len(tree):
                     self._pending[requests[i].req_id] = (skip, len(tree))
-        if self.searching and any(len(trees[i]) for i in groups.get(self.skip, [])):
-            self._trial[0] += 1
+        if self.searching:
+            self._trial[0] += 1   # the search lasts search_trials * trial_steps steps
         self.gate.end(any(len(t) for t in trees))
         if self._steps % self.options.log_every == 0 and not self.searching:
             self.logger.info(
