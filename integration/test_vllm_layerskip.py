@@ -6,7 +6,8 @@ concurrent requests. A DEL server that exits after all 30 layers drafts with the
 model, so every draft token must be accepted: that pins the draft's KV handling (the
 target's KV for the context, draft KV beyond it) as exact, and its speed shows what
 drafting through the eager per-layer path costs. Seeded sampling stays reproducible,
-and full-depth drafting under preemption still equals vanilla.
+and full-depth drafting under preemption still equals vanilla. A tiny random Qwen2
+checkpoint shows the drafter is not Llama-only.
 """
 
 from __future__ import annotations
@@ -80,3 +81,39 @@ def test_full_depth_drafts_with_preemption_equal_vanilla(vanilla, default_model)
     assert preempted > 0, "the cache was large enough: nothing was preempted"
     assert m["num_accepted_tokens"] == m["num_draft_tokens"] > 100, m
     assert_outputs_equal(vanilla[1], outs, "full-depth drafts after preemption")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory, default_model):
+    """A Qwen2-family checkpoint (random weights, 6 layers) with the default model's
+    tokenizer: the layer-skip drafter must work beyond Llama."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = AutoTokenizer.from_pretrained(default_model)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_qwen2_family_drafts_equal_vanilla(tiny_qwen2):
+    small = ["--max-model-len", "1024", "--kv-cache-memory-bytes", "256M"]
+    convs = CONVERSATIONS[:4]
+    with vllm_server(tiny_qwen2, extra=small) as url:
+        want = run_all(url, convs, max_tokens=40)
+    full = {"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4}
+    log = log_file("qwen2-del")
+    with vllm_server(tiny_qwen2, full, {"spec_plugins": {"exit_layer": 6, "min_confidence": 0.0}},
+                     extra=small, log_path=log) as url:
+        got = run_all(url, convs, max_tokens=40)
+        m = spec_metrics(url)
+    assert_outputs_equal(want[0], got[0], "qwen2 full-depth del, batch 1")
+    assert_outputs_equal(want[1], got[1], "qwen2 full-depth del, 4 concurrent")
+    assert m["num_accepted_tokens"] == m["num_draft_tokens"] > 50, m
+    with open(log, errors="replace") as f:
+        assert "layer-skip drafter bound to Qwen2ForCausalLM (6 layers)" in f.read()
