@@ -145,13 +145,13 @@ class DelProposer(Proposer):
                 a.observe(drafted, acc)
 
     def _choose(self, req: DraftRequest, limit: int, t_step: float, t_token: float,
-                group: int) -> tuple[int, int]:
-        """(exit, length) with the best expected rate for this request."""
+                t_draft: dict[int, float]) -> tuple[int, int]:
+        """(exit, length) with the best expected rate for this request; ``t_draft[e]``:
+        its share of a draft forward at exit ``e``."""
         own = self._stats(req.req_id)
         best = (self.exits[0], 0, 1.0)
         for e in self.exits:
-            t_draft = self.timer.time(e, t_step * group / self._num_layers)
-            n, gain = best_length(own[e].rate, limit, t_step, t_draft / group, t_token)
+            n, gain = best_length(own[e].rate, limit, t_step, t_draft[e], t_token)
             if n and gain > best[2]:
                 best = (e, n, gain)
         return best[0], best[1]
@@ -195,6 +195,10 @@ class DelProposer(Proposer):
 
         allow = self.gate.begin(requests, ctx.batch_tokens)
         t_step, t_token = step_costs(ctx)
+        group = len(requests)
+        # One fit of the draft-cost model per step; the batch shares each draft forward.
+        t_draft = {e: self.timer.time(e, t_step * group / self._num_layers) / group
+                   for e in self.exits}
         groups: dict[int, list[int]] = {}
         lengths = list(limits)
         middle = self.exits[len(self.exits) // 2]
@@ -209,7 +213,7 @@ class DelProposer(Proposer):
             elif o.exit_layer:
                 e = o.exit_layer
             else:
-                e, lengths[i] = self._choose(req, limits[i], t_step, t_token, len(requests))
+                e, lengths[i] = self._choose(req, limits[i], t_step, t_token, t_draft)
                 if lengths[i] == 0:
                     continue
                 pays = True

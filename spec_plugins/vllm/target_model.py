@@ -104,9 +104,10 @@ class VllmTargetModel:
         rows = torch.tensor([self._rows[r] for r in req_ids], dtype=torch.long)
         pos = torch.tensor(positions, dtype=torch.long)
         for r, p in zip(req_ids, positions):
-            if not self._valid[r] <= p < self._valid[r] + self.room(r):
-                raise ValueError(f"draft position {p} of request {r!r} is outside "
-                                 f"[{self._valid[r]}, {self._valid[r] + self.room(r)})")
+            lo = self._valid[r]
+            hi = lo + self.room(r)
+            if not lo <= p < hi:
+                raise ValueError(f"draft position {p} of request {r!r} is outside [{lo}, {hi})")
         table = self._table.index_select(0, rows)
         slots = table.gather(1, (pos // bs).unsqueeze(1)).squeeze(1).long() * bs + pos % bs
         n = len(req_ids)
@@ -132,9 +133,3 @@ class VllmTargetModel:
         else:
             normed, _ = self.inner.norm(hidden.clone(), residual.clone())
         return self.model.compute_logits(normed)
-
-
-def rows_of(batch, req_ids: Sequence[str]) -> dict[str, int]:
-    index = {r: i for i, r in enumerate(batch.req_ids)}
-    return {r: index[r] for r in req_ids}
-
