@@ -65,7 +65,11 @@ class DelOptions:
 
     @classmethod
     def parse(cls, values, where="del"):
-        return parse_options(cls, values, where)
+        o = parse_options(cls, values, where)
+        if o.min_exit > o.max_exit:
+            raise OptionError(f"{where}.min_exit={o.min_exit} must not exceed "
+                              f"{where}.max_exit={o.max_exit}")
+        return o
 
 
 # Weight (in tokens) of the stream's estimate when a request's own estimate starts.
@@ -79,9 +83,6 @@ class DelProposer(Proposer):
 
     def __init__(self, options=None):
         super().__init__(options)
-        if self.options.min_exit > self.options.max_exit:
-            raise OptionError(f"del.min_exit={self.options.min_exit} must not exceed "
-                              f"del.max_exit={self.options.max_exit}")
         self.timer = DraftTimer()
         self._num_layers = 0
         self._steps = 0
