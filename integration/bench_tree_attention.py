@@ -1,7 +1,8 @@
 """Micro-benchmark: spec_plugins tree attention vs vLLM's CPU kernel on the same cache.
 
 vLLM's kernel can only do causal attention (a chain); ours does a tree of the same
-number of query tokens. Side by side in one run, per layer, SmolLM2-135M's attention
+number of query tokens, with the C kernel (the default) and with the torch path. Side by
+side in one run, per layer, SmolLM2-135M's attention
 shape (9 query heads, 3 KV heads, head dim 64), block size 128, float32:
 
     LD_PRELOAD=.venv/lib/libiomp5.so .venv/bin/python integration/bench_tree_attention.py
@@ -14,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from spec_plugins.kernels import tree_attention as ta
+from spec_plugins.kernels import native, tree_attention as ta
 
 H, KVH, D, BS = 9, 3, 64, 128
 
@@ -37,10 +38,12 @@ def main() -> None:
     key_cache, value_cache = kv.view(nb, KVH, 2 * BS, D).chunk(2, dim=2)
     key_t, value = ta.split_cache(kv)
     rng = np.random.default_rng(0)
-    print("| requests | context | query tokens | vLLM causal (ms) | tree (ms) | ratio |")
-    print("|---|---|---|---|---|---|")
-    for R, ctx, Q in [(1, 500, 5), (1, 500, 9), (1, 500, 17), (8, 500, 5), (8, 500, 9)]:
-        table = torch.from_numpy(rng.permutation(nb)[:R * 8].reshape(R, 8).astype(np.int32))
+    print("| requests | context | query tokens | vLLM causal (ms) | tree, C (ms) | ratio "
+          "| tree, torch (ms) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for R, ctx, Q in [(1, 500, 5), (1, 500, 9), (1, 500, 17), (8, 500, 5), (8, 500, 9),
+                      (1, 2000, 9)]:
+        table = torch.from_numpy(rng.permutation(nb)[:R * 20].reshape(R, 20).astype(np.int32))
         q = torch.randn(R * Q, H, D, generator=g)
         out = torch.empty_like(q)
         qsl = torch.arange(R + 1, dtype=torch.int32) * Q
@@ -61,8 +64,12 @@ def main() -> None:
                    for _ in range(R)]
         plan = ta.plan([ctx] * R, parents, table, BS)
         t_stock = bench(stock)
-        t_tree = bench(lambda: ta.run(plan, q, key_t, value, 0.125))
-        print(f"| {R} | {ctx} | {Q} | {t_stock:.3f} | {t_tree:.3f} | {t_tree / t_stock:.2f}x |")
+        rows = torch.arange(R * Q)
+        assert ta.run_native(plan, q, out, rows, kv, 0.125), native.unavailable_reason()
+        t_c = bench(lambda: ta.run_native(plan, q, out, rows, kv, 0.125))
+        t_torch = bench(lambda: ta.run(plan, q, key_t, value, 0.125))
+        print(f"| {R} | {ctx} | {Q} | {t_stock:.3f} | {t_c:.3f} | {t_c / t_stock:.2f}x "
+              f"| {t_torch:.3f} | {t_torch / t_stock:.2f}x |")
 
 
 if __name__ == "__main__":

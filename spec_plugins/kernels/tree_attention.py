@@ -14,15 +14,20 @@ views. Keys being transposed is what makes the score product a plain matmul.
 
 Like FlashInfer's wrappers, the work splits in two:
 
-- :func:`plan` (once per step, on the host): ragged trees of the whole batch -> padded
-  index tensors, the blocks each request reads, and the boolean mask;
-- :func:`run` (once per layer): gather the blocks, two batched matmuls and a softmax
-  for the whole batch (the query heads of a KV group stacked, so K/V are not
-  expanded), scatter back.
+- :func:`plan` (once per step, on the host): ragged trees of the whole batch -> token
+  offsets, parents and the blocks each request reads;
+- :func:`run_native` (once per layer), the CPU fast path: ``csrc/tree_attention_cpu.c``
+  (built on first use by :mod:`spec_plugins.kernels.native`) reads the paged cache in
+  place, one (request, KV head) per OpenMP task, and writes the output rows directly.
+  On this 2-core AVX2 machine it matches or beats vLLM's causal CPU kernel for the
+  same number of query tokens (``integration/bench_tree_attention.py``);
+- :func:`run`, the torch path, used when the kernel cannot be built or the dtype is not
+  float32: gather the blocks, two batched matmuls and a softmax for the whole batch
+  (the query heads of a KV group stacked, so K/V are not expanded), scatter back.
 
 :func:`reference` is the definition, token by token, for tests. A GPU path (FlashInfer's
 ``BatchPrefillWithPagedKVCacheWrapper`` with a custom mask) plugs in behind the same
-``plan``/``run`` pair; it is not written yet.
+``plan``/run pair; it is not written yet.
 """
 
 from __future__ import annotations
@@ -33,21 +38,31 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from spec_plugins.kernels import native
+
 
 @dataclass
 class TreePlan:
-    q_lens: np.ndarray           # [R] query tokens per request (root + nodes)
-    prefix_lens: np.ndarray      # [R] cached tokens before the root
-    rows: torch.Tensor           # [R * Qmax] packed row of each padded slot (T = padding)
-    valid: torch.Tensor          # [R, Qmax] bool, slot holds a real query token
-    packed: torch.Tensor         # [T] padded slot of each packed query token
-    blocks: torch.Tensor         # [R, nblk] KV blocks read per request
-    bias: torch.Tensor           # [R, 1, 1, Qmax, nblk * block_size]: 0 = attend, -inf = not
-    num_tokens: int              # T
+    q_start: torch.Tensor        # [R + 1] int32: request r's tokens are q_start[r]:q_start[r+1]
+    prefix_lens: torch.Tensor    # [R] int32: cached tokens before each root
+    parents: torch.Tensor        # [T] int32: parent of each token within its request (root -1)
+    blocks: torch.Tensor         # [R, nblk] int32: KV blocks read per request
+    block_size: int
+    ancestors: list[np.ndarray]  # per request [q, q] bool: token i sees token j
+    _padded: "Padded | None" = None
 
     @property
-    def max_q(self) -> int:
-        return int(self.valid.shape[1])
+    def num_tokens(self) -> int:
+        return int(self.q_start[-1])
+
+
+@dataclass
+class Padded:
+    """The torch path's view of a plan: requests padded to the longest."""
+    rows: torch.Tensor           # [R * Qmax] packed row of each padded slot (T = padding)
+    packed: torch.Tensor         # [T] padded slot of each packed query token
+    bias: torch.Tensor           # [R, 1, 1, Qmax, nblk * block_size]: 0 = attend, -inf = not
+    max_q: int
 
 
 def ancestor_masks(parents: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -74,16 +89,33 @@ def plan(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
     R = len(anc)
     q_lens = np.array([m.shape[0] for m in anc], dtype=np.int64)
     prefix = np.asarray(prefix_lens, dtype=np.int64)
-    qmax = int(q_lens.max())
-    seq = prefix + q_lens
-    nblk = int((seq.max() + block_size - 1) // block_size)
-    S = nblk * block_size
+    nblk = int((int((prefix + q_lens).max()) + block_size - 1) // block_size)
+    tok_parents = np.concatenate(
+        [np.concatenate([[-1], np.asarray(par, dtype=np.int64) + 1]) for par in parents])
+    q_start = np.zeros(R + 1, dtype=np.int32)
+    q_start[1:] = np.cumsum(q_lens)
+    return TreePlan(
+        q_start=torch.from_numpy(q_start),
+        prefix_lens=torch.from_numpy(prefix.astype(np.int32)),
+        parents=torch.from_numpy(tok_parents.astype(np.int32)),
+        blocks=block_table[:R, :nblk].to(torch.int32).contiguous(),
+        block_size=block_size, ancestors=anc)
 
+
+def _pad(p: TreePlan) -> Padded:
+    if p._padded is not None:
+        return p._padded
+    anc, bs = p.ancestors, p.block_size
+    R = len(anc)
+    q_lens = np.array([m.shape[0] for m in anc], dtype=np.int64)
+    prefix = p.prefix_lens.numpy().astype(np.int64)
+    qmax = int(q_lens.max())
+    S = p.blocks.shape[1] * bs
     mask = np.zeros((R, qmax, S), dtype=bool)
     mask[:, :, :] = np.arange(S)[None, None, :] < prefix[:, None, None]
     valid = np.arange(qmax)[None, :] < q_lens[:, None]
     rows = np.full((R, qmax), int(q_lens.sum()), dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+    starts = p.q_start.numpy()[:-1]
     for r, m in enumerate(anc):
         q, p0 = m.shape[0], prefix[r]
         mask[r, :q, p0:p0 + q] = m
@@ -91,12 +123,10 @@ def plan(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
     # Padding slots attend to something, so softmax stays finite; they are dropped.
     mask[~valid, 0] = True
     bias = np.where(mask, np.float32(0), np.float32(-np.inf))
-    return TreePlan(
-        q_lens=q_lens, prefix_lens=prefix,
-        rows=torch.from_numpy(rows.reshape(-1)), valid=torch.from_numpy(valid),
-        packed=torch.from_numpy(np.flatnonzero(valid.reshape(-1))),
-        blocks=block_table[:R, :nblk].to(torch.long),
-        bias=torch.from_numpy(bias)[:, None, None], num_tokens=int(q_lens.sum()))
+    p._padded = Padded(rows=torch.from_numpy(rows.reshape(-1)),
+                       packed=torch.from_numpy(np.flatnonzero(valid.reshape(-1))),
+                       bias=torch.from_numpy(bias)[:, None, None], max_q=qmax)
+    return p._padded
 
 
 def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,22 +155,52 @@ def _gather_values(value: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def run(p: TreePlan, query: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor,
         scale: float) -> torch.Tensor:
-    """``query``: [T, heads, D] packed (request by request, root first); ``key_t`` and
-    ``value`` from :func:`split_cache`. Returns [T, heads, D]."""
+    """The torch path. ``query``: [T, heads, D] packed (request by request, root first);
+    ``key_t`` and ``value`` from :func:`split_cache`. Returns [T, heads, D]."""
     T, H, D = query.shape
-    R, qmax = p.valid.shape
+    pad = _pad(p)
+    R, qmax = p.blocks.shape[0], pad.max_q
+    blocks = p.blocks.long()
     kvh = key_t.shape[1]
     g = H // kvh
-    padded = torch.cat([query, query.new_zeros(1, H, D)]).index_select(0, p.rows)
+    padded = torch.cat([query, query.new_zeros(1, H, D)]).index_select(0, pad.rows)
     # Heads of one KV group side by side: [R, kvh, g * Q, D] against [R, kvh, D, S].
     q = padded.view(R, qmax, kvh, g, D).permute(0, 2, 3, 1, 4).reshape(R, kvh, g * qmax, D)
-    s = torch.matmul(q, _gather_keys(key_t, p.blocks).to(query.dtype))
+    s = torch.matmul(q, _gather_keys(key_t, blocks).to(query.dtype))
     S = s.shape[-1]
-    s.view(R, kvh, g, qmax, S).mul_(scale).add_(p.bias)
+    s.view(R, kvh, g, qmax, S).mul_(scale).add_(pad.bias)
     a = torch.softmax(s, dim=-1)
-    o = torch.matmul(a, _gather_values(value, p.blocks).to(query.dtype))
+    o = torch.matmul(a, _gather_values(value, blocks).to(query.dtype))
     o = o.view(R, kvh, g, qmax, D).permute(0, 3, 1, 2, 4).reshape(R * qmax, H, D)
-    return o.index_select(0, p.packed)
+    return o.index_select(0, pad.packed)
+
+
+def run_native(p: TreePlan, query: torch.Tensor, output: torch.Tensor,
+               tokens: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> bool:
+    """The C path (``csrc/tree_attention_cpu.c``), in place: ``output[tokens[t]]`` =
+    attention of ``query[tokens[t]]`` for packed tree token ``t``. ``query``/``output``:
+    [N, heads, D] with contiguous rows; ``kv_cache``: vLLM's CPU cache tensor
+    ``[num_blocks, kv_heads, block_size, 2 * D]``. Returns False (and does nothing)
+    when the kernel is not built or the tensors are not float32."""
+    f = native.tree_attention()
+    if (f is None or query.dtype != torch.float32 or kv_cache.dtype != torch.float32
+            or output.dtype != torch.float32):
+        return False
+    N, H, D = query.shape
+    if (query.stride(2) != 1 or query.stride(1) != D or output.stride(2) != 1
+            or output.stride(1) != D or not kv_cache.is_contiguous()):
+        return False
+    kvh, bs = kv_cache.shape[1], kv_cache.shape[2]
+    if bs % 16 or H % kvh:
+        return False
+    tokens = tokens.to(torch.int64).contiguous()
+    rc = f(query.data_ptr(), query.stride(0), output.data_ptr(), output.stride(0),
+           tokens.data_ptr(), kv_cache.data_ptr(), p.blocks.data_ptr(), p.blocks.stride(0),
+           p.q_start.data_ptr(), p.prefix_lens.data_ptr(), p.parents.data_ptr(),
+           len(p.prefix_lens), H, kvh, D, bs, scale)
+    if rc != 0:
+        raise MemoryError("tree attention: could not allocate its work buffers")
+    return True
 
 
 def reference(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],

@@ -4,8 +4,8 @@
 ``CPU_ATTN`` (``vllm.v1.attention.backends.registry.register_backend``) in engine
 processes that run a tree-drafting spec_plugins method. It *is* vLLM's CPU backend
 whenever the step has no branching draft tree; in a tree step the requests with trees
-go through ``spec_plugins.kernels.tree_attention`` and the rest through vLLM's own
-kernel on a sub-batch.
+go through ``spec_plugins.kernels.tree_attention`` (its C kernel for float32, built on
+first use; else its torch path) and the rest through vLLM's own kernel on a sub-batch.
 """
 
 from __future__ import annotations
@@ -119,9 +119,11 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                 kv_cache_dtype=self.kv_cache_dtype)
             out.index_copy_(0, md.other_tokens, sub)
-        res = tree_attention.run(md.tree, q.index_select(0, md.tree_tokens),
-                                 *tree_attention.split_cache(kv_cache), self.scale)
-        out.index_copy_(0, md.tree_tokens, res.to(out.dtype))
+        if not tree_attention.run_native(md.tree, q, out, md.tree_tokens, kv_cache,
+                                         self.scale):
+            res = tree_attention.run(md.tree, q.index_select(0, md.tree_tokens),
+                                     *tree_attention.split_cache(kv_cache), self.scale)
+            out.index_copy_(0, md.tree_tokens, res.to(out.dtype))
         return output
 
 

@@ -161,6 +161,14 @@ def install_tree_hooks() -> None:
 
     register_backend(AttentionBackendEnum.CPU_ATTN,
                      "spec_plugins.vllm.attention.TreeCPUAttentionBackend")
+    from spec_plugins.kernels import native
+
+    reason = native.unavailable_reason()   # builds the C kernel now, not in a step
+    if reason is None:
+        logger.info("spec_plugins: tree attention uses its C kernel (float32)")
+    else:
+        logger.warning("spec_plugins: tree attention C kernel unavailable (%s); using the "
+                       "torch path (same math, slower)", reason)
 
     def make_prepare(orig):
         def _prepare_inputs(self, scheduler_output, *args, **kwargs):

@@ -1,13 +1,31 @@
-"""Tree attention: the fast path against the reference and against plain attention over
-each node's root-to-node chain, on random trees in ragged batches."""
+"""Tree attention: both paths (the C kernel and torch) against the reference and against
+plain attention over each node's root-to-node chain, on random trees in ragged batches."""
+
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from spec_plugins.kernels import tree_attention as ta
+from spec_plugins.kernels import native, tree_attention as ta
 
 H, KVH, D, BS = 6, 2, 32, 32
+
+# CI's machine has a C compiler, so the C kernel is tested there; it skips only where
+# none exists (where the engine also falls back to the torch path).
+HAS_CC = shutil.which(os.environ.get("CC") or "cc") is not None
+PATHS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not HAS_CC,
+                                                                  reason="no C compiler"))]
+
+
+def attend(path, plan, q, kv, scale):
+    if path == "torch":
+        return ta.run(plan, q, *ta.split_cache(kv), scale)
+    out = torch.full_like(q, float("nan"))
+    assert ta.run_native(plan, q, out, torch.arange(len(q)), kv, scale), \
+        native.unavailable_reason()
+    return out
 
 
 def random_parents(rng, n):
@@ -32,8 +50,9 @@ def make_batch(seed, sizes, prefixes, num_blocks=64):
     return kv, table, parents, q
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seed", range(4))
-def test_matches_reference_on_ragged_batches(seed):
+def test_matches_reference_on_ragged_batches(seed, path):
     rng = np.random.default_rng(100 + seed)
     R = int(rng.integers(1, 6))
     sizes = [int(rng.integers(0, 12)) for _ in range(R)]
@@ -41,19 +60,20 @@ def test_matches_reference_on_ragged_batches(seed):
     kv, table, parents, q = make_batch(seed, sizes, prefixes)
     key_t, value = ta.split_cache(kv)
     plan = ta.plan(prefixes, parents, table, BS)
-    out = ta.run(plan, q, key_t, value, 0.17)
+    out = attend(path, plan, q, kv, 0.17)
     ref = ta.reference(prefixes, parents, table, BS, q, key_t, value, 0.17)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
-def test_each_node_equals_attention_over_its_chain():
+@pytest.mark.parametrize("path", PATHS)
+def test_each_node_equals_attention_over_its_chain(path):
     """Exact check: node i's output is ordinary causal attention of its query over the
     prefix followed by the root-to-i path, computed from contiguous tensors."""
     sizes, prefixes = [9, 5, 0], [40, 3, 70]
     kv, table, parents, q = make_batch(7, sizes, prefixes)
     key_t, value = ta.split_cache(kv)
-    out = ta.run(ta.plan(prefixes, parents, table, BS), q, key_t, value, 0.2)
+    out = attend(path, ta.plan(prefixes, parents, table, BS), q, kv, 0.2)
     t = 0
     for r, (n, p0) in enumerate(zip(sizes, prefixes)):
         pos = torch.arange(p0 + n + 1)
@@ -73,10 +93,11 @@ def test_each_node_equals_attention_over_its_chain():
             t += 1
 
 
-def test_padding_and_empty_trees_stay_finite():
+@pytest.mark.parametrize("path", PATHS)
+def test_padding_and_empty_trees_stay_finite(path):
     sizes, prefixes = [0, 15], [0, 5]
     kv, table, parents, q = make_batch(3, sizes, prefixes)
-    out = ta.run(ta.plan(prefixes, parents, table, BS), q, *ta.split_cache(kv), 0.3)
+    out = attend(path, ta.plan(prefixes, parents, table, BS), q, kv, 0.3)
     assert torch.isfinite(out).all()
     # A root with no prefix and no tree sees only itself: the output is its value.
     _, value = ta.split_cache(kv)
@@ -88,7 +109,8 @@ def test_parents_must_precede_children():
         ta.ancestor_masks([[-1, 2, 0]])
 
 
-def test_chain_equals_vllm_cpu_kernel():
+@pytest.mark.parametrize("path", PATHS)
+def test_chain_equals_vllm_cpu_kernel(path):
     """On a chain, tree attention is causal attention: compare with vLLM's own CPU
     kernel reading the same cache (this pins the cache layout too)."""
     ops = pytest.importorskip("vllm._custom_ops")
@@ -107,5 +129,66 @@ def test_chain_equals_vllm_cpu_kernel():
         query=q, key_cache=key_cache, value_cache=value_cache, output=want,
         query_start_loc=qsl, seq_lens=seq, scale=0.125, causal=True, alibi_slopes=None,
         sliding_window=-1, block_table=table, softcap=0, scheduler_metadata=md, s_aux=None)
-    got = ta.run(ta.plan(prefixes, chains, table, BS), q, *ta.split_cache(kv), 0.125)
+    got = attend(path, ta.plan(prefixes, chains, table, BS), q, kv, 0.125)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_native_reads_and_writes_rows_in_place():
+    """As in the engine: queries are a strided view (q of a fused qkv projection), the
+    tree tokens are some rows of the batch, and only those output rows are written. The
+    cache past each request's tokens holds NaN, which must never be read."""
+    sizes, prefixes = [6, 2], [130, 7]
+    kv, table, parents, q = make_batch(5, sizes, prefixes)
+    key_t, value = ta.split_cache(kv)
+    for r, (n, p0) in enumerate(zip(sizes, prefixes)):
+        end = p0 + n + 1
+        for pos in range(end, (end + BS - 1) // BS * BS):   # the rest of its last block
+            key_t[table[r, pos // BS], :, :, pos % BS] = float("nan")
+            value[table[r, pos // BS], :, pos % BS] = float("nan")
+    N = len(q) + 5
+    tokens = torch.randperm(N)[:len(q)]
+    qkv = torch.randn(N, (H + 2 * KVH) * D)
+    query = qkv[:, :H * D].view(N, H, D)
+    query[tokens] = q
+    out = torch.full((N, H, D), 7.0)
+    plan = ta.plan(prefixes, parents, table, BS)
+    assert ta.run_native(plan, query, out, tokens, kv, 0.2)
+    want = ta.reference(prefixes, parents, table, BS, q, *ta.split_cache(kv), 0.2)
+    torch.testing.assert_close(out[tokens].double(), want, atol=2e-5, rtol=1e-4)
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[tokens] = False
+    assert (out[rest] == 7.0).all()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_native_head_dim_not_a_multiple_of_16():
+    g = torch.Generator().manual_seed(2)
+    d, kvh, h = 40, 1, 3
+    kv = torch.randn(8, kvh, BS, 2 * d, generator=g)
+    table = torch.tensor([[3, 1, 6]], dtype=torch.int32)
+    parents = [[-1, -1, 0, 2]]
+    q = torch.randn(5, h, d, generator=g)
+    plan = ta.plan([70], parents, table, BS)
+    out = torch.empty_like(q)
+    assert ta.run_native(plan, q, out, torch.arange(5), kv, 0.15)
+    want = ta.reference([70], parents, table, BS, q, *ta.split_cache(kv), 0.15)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_native_declines_what_it_does_not_handle(monkeypatch):
+    """Non-float32 data or a block size that is not a multiple of 16 go to the torch
+    path (run_native returns False and writes nothing); so does a disabled kernel."""
+    kv, table, parents, q = make_batch(1, [3], [10])
+    plan = ta.plan([10], parents, table, BS)
+    out = torch.zeros_like(q)
+    rows = torch.arange(len(q))
+    assert not ta.run_native(plan, q.double(), out.double(), rows, kv.double(), 0.1)
+    kv8 = kv.view(kv.shape[0], KVH, BS // 4, 8 * D)[:, :, :, :2 * D].contiguous()
+    assert not ta.run_native(ta.plan([10], parents, table, 8), q, out, rows, kv8, 0.1)
+    assert (out == 0).all()
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("SPEC_PLUGINS_NATIVE", "0")
+    assert not ta.run_native(plan, q, out, rows, kv, 0.1)
+    assert "SPEC_PLUGINS_NATIVE=0" in native.unavailable_reason()
