@@ -21,6 +21,13 @@ chain's for the same number of nodes (the chain is one of the trees it chooses f
 When the engine supplies a verify-cost model, the drafts of the whole batch are then
 cut to the tokens that pay for their verify time (``builders.fit_batch``): generous at
 batch 1, strict in a full batch.
+
+Count shares overstate acceptance (a continuation seen once scores 1), so with
+``calibrate`` each node's estimate is the acceptance observed for nodes like it
+(``spec_plugins.calibration``: bucketed by rank, count share, support and match length,
+scored from the tokens the engine committed next step). That estimate drives the stop
+rule, the tree's shape and the batch budget. Seeded requests use the raw shares, so their
+drafts depend on their own tokens alone.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from spec_plugins.builders import best_first, fit_batch
+from spec_plugins.calibration import Calibrator
 from spec_plugins.options import opt, parse_options
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.tree import DraftTree
@@ -126,6 +134,8 @@ class SuffixOptions:
     tree: bool = opt(False, help="draft trees of alternative continuations (False: chains)")
     max_branches: int = opt(4, lo=1, hi=64,
                             help="most continuations tried after one tree node (most frequent first)")
+    calibrate: bool = opt(True, help="replace count-share estimates by the acceptance observed "
+                                     "for similar nodes (not for seeded requests)")
 
     @classmethod
     def parse(cls, values, where="suffix"):
@@ -133,7 +143,7 @@ class SuffixOptions:
 
 
 class _RequestState:
-    __slots__ = ("trie", "cursor", "num_tokens", "num_prompt_tokens", "output")
+    __slots__ = ("trie", "cursor", "num_tokens", "num_prompt_tokens", "output", "last")
 
     def __init__(self, max_depth: int, num_prompt_tokens: int):
         self.trie = SuffixTrie(max_depth)
@@ -141,6 +151,15 @@ class _RequestState:
         self.num_tokens = 0
         self.num_prompt_tokens = num_prompt_tokens
         self.output: list[int] = []
+        self.last: tuple[DraftTree, list] | None = None   # last draft, its nodes' buckets
+
+
+def _bucket(rank: int, p: float, total: int, m: int) -> tuple[int, int, int, int]:
+    """Calibration bucket of a continuation: whether it is the most frequent one, its
+    count share, how often the matched pattern was followed at all, the match length."""
+    support = 0 if total < 2 else 1 if total < 4 else 2 if total < 10 else 3
+    match = 0 if m < 3 else 1 if m < 6 else 2 if m < 12 else 3
+    return min(rank, 1), min(int(p * 5), 4), support, match
 
 
 # Longest followed match in one trie: (match length, trie node), (0, None) for none.
@@ -175,6 +194,7 @@ class SuffixProposer(Proposer):
         self._global = SuffixTrie(o.max_depth)
         self._global_seqs: OrderedDict[str, list[int]] = OrderedDict()
         self._global_tokens = 0
+        self.calibrator = Calibrator()
 
     # ---- state -----------------------------------------------------------
     def _sync(self, req: DraftRequest) -> _RequestState:
@@ -218,14 +238,31 @@ class SuffixProposer(Proposer):
 
     # ---- drafting ----------------------------------------------------------
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
-        drafts = []
+        drafts, buckets, states = [], [], []
         for req in requests:
             st = self._sync(req)
+            if st.last is not None and not req.isolated:
+                self.calibrator.record(*st.last, req.new_tokens)
             tree = self.options.tree and req.tree_ok
-            drafts.append(self._draft_tree(st, req) if tree else self._draft(st, req))
+            d, b = self._draft_tree(st, req) if tree else self._draft(st, req)
+            drafts.append(d)
+            buckets.append(b)
+            states.append(st)
         # Chains and best-first trees both list nodes in decreasing path probability.
-        return fit_batch(drafts, ctx.cost, ctx.batch_tokens,
-                         [r.isolated for r in requests])
+        out = fit_batch(drafts, ctx.cost, ctx.batch_tokens, [r.isolated for r in requests])
+        for st, d, b in zip(states, out, buckets):
+            st.last = (d, b[:len(d)]) if len(d) else None   # fit_batch keeps prefixes
+        return out
+
+    def _estimate(self, req: DraftRequest, rank: int, count: int, total: int,
+                  m: int) -> tuple[float, tuple]:
+        """Acceptance estimate of a continuation seen ``count`` of ``total`` times after
+        a match of length ``m``, and its calibration bucket."""
+        p = count / total
+        b = _bucket(rank, p, total, m)
+        if self.options.calibrate and not req.isolated:
+            p = self.calibrator.prob(b, p)
+        return p, b
 
     def _matches(self, st: _RequestState, req: DraftRequest, context: list[int],
                  prev: tuple[_Match, _Match] | None = None) -> tuple[_Match, _Match]:
@@ -246,13 +283,14 @@ class SuffixProposer(Proposer):
     def _context(self, req: DraftRequest) -> list[int]:
         return req.token_ids[-(self.options.max_depth - 1):].tolist()
 
-    def _draft(self, st: _RequestState, req: DraftRequest) -> DraftTree:
+    def _draft(self, st: _RequestState, req: DraftRequest) -> tuple[DraftTree, list]:
         o: SuffixOptions = self.options
         if req.max_draft_tokens <= 0:
-            return DraftTree.empty()
+            return DraftTree.empty(), []
         context = self._context(req)
         draft: list[int] = []
         scores: list[float] = []
+        buckets: list[tuple] = []
         prob = 1.0
         limit = req.max_draft_tokens
         first = True
@@ -271,26 +309,28 @@ class SuffixProposer(Proposer):
                 total += child.count
                 if child.count > best_cnt:
                     best_tok, best_cnt = tok, child.count
-            p = best_cnt / total
+            p, b = self._estimate(req, 0, best_cnt, total, m)
             if prob * p < o.min_token_prob:
                 break
             prob *= p
             draft.append(best_tok)
             scores.append(p)
+            buckets.append(b)
             context.append(best_tok)
-        return DraftTree.chain(draft, scores)
+        return DraftTree.chain(draft, scores), buckets
 
-    def _draft_tree(self, st: _RequestState, req: DraftRequest) -> DraftTree:
+    def _draft_tree(self, st: _RequestState, req: DraftRequest) -> tuple[DraftTree, list]:
         o: SuffixOptions = self.options
         if req.max_draft_tokens <= 0:
-            return DraftTree.empty()
+            return DraftTree.empty(), []
         base = self._context(req)
         root = self._matches(st, req, base)
         m = self._best(root)[0]
         if m < o.min_match:
-            return DraftTree.empty()
+            return DraftTree.empty(), []
         # Matches per expanded path, so a child's match extends its parent's.
         seen: dict[tuple[int, ...], tuple[_Match, _Match]] = {(): root}
+        buckets: dict[tuple[int, ...], tuple] = {}
 
         def expand(path: Sequence[int]) -> list[tuple[int, float]]:
             path = tuple(path)
@@ -304,7 +344,13 @@ class SuffixProposer(Proposer):
             total = sum(child.count for _, child in kids)
             # sorted() is stable: equal counts keep trie order, as the chain's argmax does.
             top = sorted(kids, key=lambda kv: -kv[1].count)[:o.max_branches]
-            return [(tok, child.count / total) for tok, child in top]
+            out = []
+            for rank, (tok, child) in enumerate(top):
+                p, buckets[path + (tok,)] = self._estimate(req, rank, child.count, total, m)
+                out.append((tok, p))
+            return out
 
-        return best_first(expand, req.max_draft_tokens, min_path_prob=o.min_token_prob,
+        tree = best_first(expand, req.max_draft_tokens, min_path_prob=o.min_token_prob,
                           max_depth=max(1, int(o.max_spec_factor * m)))
+        return tree, [buckets[tuple(tree.tokens[j] for j in tree.path_to(i))]
+                      for i in range(len(tree))]

@@ -263,3 +263,31 @@ def test_trees_decode_exactly_like_greedy_and_accept_more_than_chains(run, toy):
     tree, chain = np.mean(acc["tree"]), np.mean(acc["chain"])
     print(f"mean accepted: tree {tree:.2f}, chain {chain:.2f}")
     assert tree > chain + 0.2 and chain > 1.0
+
+
+def test_calibration_learns_that_the_target_rejects_what_the_counts_predict():
+    """The prompt says 6 always follows 5; the target commits 8 instead, every time.
+    Each rejection lowers the estimate for such nodes until the proposer no longer
+    drafts them; seeded (isolated) requests keep their count-based drafts, and so does
+    a proposer with calibration off."""
+    prompt = [5, 6] * 20 + [5]
+    prop = SuffixProposer({"min_token_prob": 0.1})
+    first = None
+    for i in range(30):
+        (d,) = prop.propose([req(f"r{i}", prompt, len(prompt))], StepContext())
+        if i == 0:
+            first = d
+        if not len(d):
+            break
+        assert d.tokens[0] == 6
+        assert d.scores[0] == pytest.approx(2 / (i + 2))   # Beta(prior 2 x raw 1) posterior
+        prop.propose([req(f"r{i}", prompt + [8], len(prompt), new=[8])], StepContext())
+        prop.finish(f"r{i}")
+    assert first.scores[0] == 1.0 and not len(d) and i > 10
+    isolated = req("seeded", prompt, len(prompt))
+    isolated.isolated = True
+    (s,) = prop.propose([isolated], StepContext())
+    assert s.tokens[:2] == [6, 5] and s.scores[0] == 1.0
+    (raw,) = SuffixProposer({"calibrate": False}).propose([req("x", prompt, len(prompt))],
+                                                           StepContext())
+    assert raw.scores[0] == 1.0
