@@ -130,7 +130,7 @@ class SuffixOptions:
     min_match: int = opt(1, lo=1, hi=256, help="shortest match that may start a draft")
     global_cache_tokens: int = opt(65536, lo=0, hi=1 << 24,
                                    help="output tokens of recent requests kept for cross-request matches")
-    # Chains by default: on the CPU fast path trees are not faster yet (integration/RESULTS.md).
+    # Chains by default: on CPUs suffix trees are no faster than chains (integration/RESULTS.md).
     tree: bool = opt(False, help="draft trees of alternative continuations (False: chains)")
     max_branches: int = opt(4, lo=1, hi=64,
                             help="most continuations tried after one tree node (most frequent first)")
