@@ -21,10 +21,15 @@ NAME = "SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cache_root() -> Path:
+    """spec_plugins' cache: ``$SPEC_PLUGINS_CACHE``, else ``$XDG_CACHE_HOME/spec_plugins``
+    (``~/.cache/spec_plugins``). Holds the default model and the built C kernels."""
+    return Path(os.environ.get("SPEC_PLUGINS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spec_plugins"))
+
+
 def default_dir() -> Path:
-    root = os.environ.get("SPEC_PLUGINS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spec_plugins")
-    return Path(root) / NAME
+    return cache_root() / NAME
 
 
 def gguf_dir() -> str:

@@ -2,7 +2,7 @@
 
 The shared library is compiled with the machine's C compiler (``$CC``, else ``cc``) for
 the CPU it runs on (``-march=native``), with OpenMP when the compiler has it, and cached
-under ``$SPEC_PLUGINS_CACHE`` (default ``~/.cache/spec_plugins``), keyed by the source,
+in spec_plugins' cache (``default_model.cache_root``), keyed by the source,
 the flags, the compiler and the CPU, so a copied cache never runs code built for another
 CPU. Compiling takes about a second and happens once per machine; processes that race
 (the API server and its engine core) each write a private file and rename it into place.
@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from spec_plugins.default_model import cache_root
 
 SOURCE = Path(__file__).with_name("csrc") / "tree_attention_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
@@ -58,8 +60,7 @@ def _load() -> ctypes.CDLL:
     key = hashlib.sha256("\n".join(
         [SOURCE.read_text(), " ".join(FLAGS), version, platform.machine(), _cpu_id()]
     ).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SPEC_PLUGINS_CACHE")
-                 or Path.home() / ".cache" / "spec_plugins")
+    cache = cache_root()
     path = cache / f"tree_attention_cpu-{key}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)

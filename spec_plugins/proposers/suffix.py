@@ -241,7 +241,7 @@ class SuffixProposer(Proposer):
         drafts, buckets, states = [], [], []
         for req in requests:
             st = self._sync(req)
-            if st.last is not None and not req.isolated:
+            if st.last is not None and self.options.calibrate and not req.isolated:
                 self.calibrator.record(*st.last, req.new_tokens)
             tree = self.options.tree and req.tree_ok
             d, b = self._draft_tree(st, req) if tree else self._draft(st, req)

@@ -145,13 +145,12 @@ static void unit(const float *q, int64_t q_stride, float *out, int64_t out_strid
     }
     /* outputs: acc[m] = sum_k sc[m][k] V[k] over k < L (the cache past L is not ours) */
     memset(acc, 0, sizeof(float) * (size_t)MP * D);
-    const int32_t DB = D % KB == 0 ? KB : 1;
     for (int32_t b = 0; b < nblk; b++) {
         const float *vb = kv + (int64_t)blocks[b] * block_stride + head_off
                           + (int64_t)bs * D;                          /* [bs][D] */
         const int32_t kend = (b + 1) * bs <= L ? bs : L - b * bs;
         const float *pb = sc + (int64_t)b * bs;
-        if (DB == KB) {
+        if (D % KB == 0) {
             for (int32_t d0 = 0; d0 < D; d0 += KB)
                 for (int32_t m0 = 0; m0 < MP; m0 += RB) {
                     v8 a0[RB], a1[RB];
