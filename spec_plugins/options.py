@@ -1,17 +1,23 @@
 """Validated method options.
 
-Each method declares its options as a frozen dataclass whose fields carry their bounds
-(``opt(default, lo=, hi=, choices=, help=)``). :func:`parse_options` turns the user's
+Each method declares its options as a frozen dataclass deriving from
+:class:`MethodOptions`; a field's type comes from its annotation (``bool``, ``int``,
+``float``, ``str``, ``tuple[int, ...]`` from a JSON list, ``X | None``) and its bounds from
+``opt(default, lo=, hi=, choices=, help=)``. :meth:`MethodOptions.parse` turns the user's
 mapping into that dataclass or raises :class:`OptionError` with a message that names the
-offending field and lists what is allowed, as a server operator needs at start-up.
+offending field and lists what is allowed, as a server operator needs at start-up;
+cross-field checks go in :meth:`MethodOptions.validate`, which ``parse`` calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from typing import Any, Mapping, TypeVar
 
-T = TypeVar("T")
+T = TypeVar("T", bound="MethodOptions")
 
 
 class OptionError(ValueError):
@@ -30,7 +36,89 @@ def _bounds(m) -> str:
     return f"[{lo}, {hi}]"
 
 
+def _type_name(tp) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    """(whether None is allowed, the type without None)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return True, rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return False, tp
+
+
+def _convert(tp, value, where: str, describe_cls: type):
+    """``value`` as type ``tp``, or OptionError naming ``where``."""
+    optional, tp = _is_optional(tp)
+    if value is None and optional:
+        return None
+
+    def bad():
+        return OptionError(f"{where} must be {_type_name(tp)}{' or null' if optional else ''}, "
+                           f"got {value!r}; allowed options: {describe(describe_cls)}")
+
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return tuple(_convert(item, v, where, describe_cls) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not tp:
+        raise bad()
+    return value
+
+
+class MethodOptions:
+    """Base of every method's options dataclass (declare it ``@dataclass(frozen=True)``)."""
+
+    @classmethod
+    def parse(cls: type[T], values: Mapping[str, Any] | None, where: str = "options") -> T:
+        """Build the options from ``values``; ``where`` names the config path in messages."""
+        values = {} if values is None else values
+        if not isinstance(values, Mapping):
+            raise OptionError(f"{where} must be a JSON object, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise OptionError(
+                f"unknown option {where}.{unknown[0]}; allowed options: {describe(cls)}")
+        hints = _hints(cls)
+        kwargs = {}
+        for name, value in values.items():
+            value = _convert(hints[name], value, f"{where}.{name}", cls)
+            m = fields[name].metadata
+            if m.get("choices") and value not in m["choices"]:
+                raise OptionError(f"{where}.{name}={value!r} is not allowed; "
+                                  f"allowed values: {', '.join(repr(c) for c in m['choices'])}")
+            items = value if isinstance(value, tuple) else (value,)
+            for v in items:
+                if v is None or isinstance(v, (str, bool)):
+                    continue
+                if (m.get("lo") is not None and v < m["lo"]) or (m.get("hi") is not None
+                                                                  and v > m["hi"]):
+                    raise OptionError(f"{where}.{name}={value!r} is out of range {_bounds(m)}")
+            kwargs[name] = value
+        options = cls(**kwargs)
+        options.validate(where)
+        return options
+
+    def validate(self, where: str) -> None:
+        """Cross-field checks; raise :class:`OptionError` naming the fields."""
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def describe(cls: type) -> str:
+    hints = _hints(cls)
     parts = []
     for f in dataclasses.fields(cls):
         m = f.metadata
@@ -39,34 +127,5 @@ def describe(cls: type) -> str:
             rng = " one of " + ", ".join(repr(c) for c in m["choices"])
         elif m.get("lo") is not None or m.get("hi") is not None:
             rng = f" in {_bounds(m)}"
-        parts.append(f"{f.name} ({f.type}{rng}, default {f.default!r})")
+        parts.append(f"{f.name} ({_type_name(hints[f.name])}{rng}, default {f.default!r})")
     return "; ".join(parts)
-
-
-def parse_options(cls: type[T], values: Mapping[str, Any], where: str) -> T:
-    """Build ``cls`` from ``values``; ``where`` names the config path for messages."""
-    if not isinstance(values, Mapping):
-        raise OptionError(f"{where} must be a JSON object, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise OptionError(
-            f"unknown option {where}.{unknown[0]}; allowed options: {describe(cls)}")
-    kwargs = {}
-    for name, value in values.items():
-        f = fields[name]
-        want = type(f.default)
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if want is not type(None) and (type(value) is not want):
-            raise OptionError(
-                f"{where}.{name} must be {want.__name__}, got {value!r}; "
-                f"allowed options: {describe(cls)}")
-        m = f.metadata
-        if m.get("choices") and value not in m["choices"]:
-            raise OptionError(f"{where}.{name}={value!r} is not allowed; "
-                              f"allowed values: {', '.join(repr(c) for c in m['choices'])}")
-        if m.get("lo") is not None and value < m["lo"] or m.get("hi") is not None and value > m["hi"]:
-            raise OptionError(f"{where}.{name}={value!r} is out of range {_bounds(m)}")
-        kwargs[name] = value
-    return cls(**kwargs)

@@ -1,26 +1,40 @@
 """Drafting methods, one module each, all implementing :class:`base.Proposer`.
 
-``METHODS`` maps the method name users select to ``module:Class``; modules are imported
-only when their method is used.
+Methods register under the entry-point group ``spec_plugins.methods`` (name = the method
+name users select, value = ``module:Class``), the built-ins included (``pyproject.toml``),
+so another installed package adds a method that users select exactly like ours. Modules
+are imported only when their method is used.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
+from importlib.metadata import EntryPoint, entry_points
 
 from spec_plugins.options import OptionError
 
-METHODS: dict[str, str] = {
-    "suffix": "spec_plugins.proposers.suffix:SuffixProposer",
-    "recycling": "spec_plugins.proposers.recycling:RecyclingProposer",
-    "swift": "spec_plugins.proposers.swift:SwiftProposer",
-    "del": "spec_plugins.proposers.del_exit:DelProposer",
-}
+GROUP = "spec_plugins.methods"
+
+
+@functools.cache
+def methods() -> dict[str, EntryPoint]:
+    """Every installed method by name (empty when the package is not installed)."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
 def proposer_class(name: str):
-    if name not in METHODS:
+    from spec_plugins.proposers.base import Proposer
+
+    eps = methods()
+    if not eps:
+        raise RuntimeError(f"no spec_plugins methods are registered under the entry-point "
+                           f"group {GROUP!r}: install the package (pip install spec_plugins, "
+                           f"or pip install -e . from a checkout)")
+    if name not in eps:
         raise OptionError(
-            f"unknown spec_plugins method {name!r}; allowed methods: {', '.join(sorted(METHODS))}")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+            f"unknown spec_plugins method {name!r}; allowed methods: {', '.join(sorted(eps))}")
+    cls = eps[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Proposer)) or cls.name != name:
+        raise TypeError(f"entry point {name!r} of {GROUP!r} ({eps[name].value}) must be a "
+                        f"spec_plugins.proposers.base.Proposer subclass named {name!r}")
+    return cls

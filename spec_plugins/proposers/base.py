@@ -17,13 +17,20 @@ supplies through :class:`StepContext`:
   successor table from them); ``k`` is the proposer's ``topk`` attribute;
 - ``"target_logits"``: the target's logits at the positions sampled in the last step
   (``StepContext.target_logits[i]`` for request ``i``);
-- ``"hidden_states"``: the target's last hidden states at those positions (EAGLE-style
-  heads, diffusion drafters conditioned on the target);
+- ``"hidden_states"``: the target's hidden states after the layers the proposer lists in
+  :attr:`Proposer.hidden_layers`, at every token committed since the proposer last saw
+  the request (prefill chunks included): ``StepContext.hidden_states[i]`` is a
+  :class:`CommittedStates` (EAGLE-style heads, diffusion drafters conditioned on the
+  target). They come out of the target's own forward pass; a method that does not ask
+  pays nothing;
 - ``"target_model"``: a :class:`TargetModel` handle that runs the target's own layers
   over draft tokens with a KV cache the adapter keeps separate from the target's
   (layer-skip self-speculation: SWIFT, DEL).
 
-Life cycle: ``propose`` is called every step for the running requests; a request seen
+Life cycle: :meth:`Proposer.bind` is called once when the target model is loaded, with a
+:class:`ModelInfo` (layers, sizes, vocabulary, dtype, device, tokenizer, and the target's
+embedding and LM head to share): model-dependent option checks belong there, so a bad
+value stops the server at start-up. ``propose`` is called every step for the running requests; a request seen
 for the first time is new; :meth:`Proposer.finish` is called once when a request leaves
 the engine (finished, aborted, or preempted: it may come back later with the same id
 and must then be treated as new). ``DraftRequest.num_accepted`` tells the proposer how
@@ -66,6 +73,40 @@ class DraftRequest:
     # The engine can verify a branching tree for this request. False: return a chain
     # (e.g. repetition penalties or logprobs, which vLLM computes by draft position).
     tree_ok: bool = True
+    # Sampling temperature of the request (0: greedy). A drafter that samples its drafts
+    # for a sampled request must return the distributions it drew from
+    # (``DraftTree.draft_dists``): the verifier needs them to stay lossless.
+    temperature: float = 0.0
+    # The request's seed (seeded sampling), so a sampling drafter can draw reproducibly.
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a proposer learns about the target once, at load (:meth:`Proposer.bind`)."""
+    model_path: str
+    tokenizer_path: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    dtype: Any = None          # torch.dtype of the served weights
+    device: Any = None         # torch.device the target runs on
+    # The target's own modules, shared rather than copied (None where the engine cannot
+    # expose them): token ids [n] -> embeddings [n, hidden]; LM head weight [vocab, hidden].
+    embed_tokens: Any = None
+    lm_head_weight: Any = None
+
+
+@dataclass
+class CommittedStates:
+    """Target hidden states at tokens the request committed since the proposer last saw
+    it, in position order (prefill chunks, then per step the accepted draft tokens and the
+    token before them; the newest sampled token has none yet: its forward pass is the next
+    step's)."""
+    positions: Any             # [n] int64 tensor
+    states: Any                # [n, len(hidden_layers) * hidden_size] tensor, target dtype
 
 
 class TargetModel(Protocol):
@@ -99,7 +140,7 @@ class StepContext:
     batch_tokens: int = 1
     target_topk: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None
     target_logits: Any | None = None   # per request, [vocab] (engine tensor or ndarray)
-    hidden_states: Any | None = None   # per request, [hidden]
+    hidden_states: Sequence[CommittedStates | None] | None = None   # per request
     target_model: TargetModel | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -113,6 +154,9 @@ class Proposer(ABC):
     makes_trees: ClassVar[bool] = False
     #: With ``"target_topk"`` in ``needs``: how many successors per position.
     topk: int = 0
+    #: With ``"hidden_states"`` in ``needs``: the target layers (0-based) whose outputs
+    #: the proposer reads, concatenated in this order (set by ``bind`` at the latest).
+    hidden_layers: tuple[int, ...] = ()
 
     #: The method's options dataclass (see ``spec_plugins.options``), if it has options.
     Options: ClassVar[type | None] = None
@@ -124,7 +168,12 @@ class Proposer(ABC):
         if self.Options is None or isinstance(options, self.Options):
             self.options = options
         else:
-            self.options = self.Options.parse(options or {})
+            self.options = self.Options.parse(options or {}, where=self.name)
+
+    def bind(self, model: ModelInfo) -> None:
+        """Called once when the target is loaded, before the first ``propose``. Check
+        model-dependent options here (raise ``OptionError`` naming the field) and load
+        any weights of the method's own."""
 
     @abstractmethod
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:

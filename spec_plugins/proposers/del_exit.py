@@ -40,8 +40,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from spec_plugins.options import OptionError, opt, parse_options
-from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
+from spec_plugins.options import MethodOptions, OptionError, opt
+from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
 from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
                                               best_length,
                                               chains_to_trees, describe_costs, draft_chains,
@@ -50,7 +50,7 @@ from spec_plugins.tree import DraftTree
 
 
 @dataclass(frozen=True)
-class DelOptions:
+class DelOptions(MethodOptions):
     exit_layer: int = opt(0, lo=0, hi=10**4, help="fixed exit layer E (0: choose online)")
     min_exit: float = opt(0.2, lo=0.0, hi=1.0, help="shallowest candidate exit, share of layers")
     max_exit: float = opt(0.8, lo=0.0, hi=1.0, help="deepest candidate exit, share of layers")
@@ -63,13 +63,10 @@ class DelOptions:
                                 "while no exit pays)")
     log_every: int = opt(256, lo=1, hi=10**9, help="steps between logs of the chosen exits")
 
-    @classmethod
-    def parse(cls, values, where="del"):
-        o = parse_options(cls, values, where)
-        if o.min_exit > o.max_exit:
-            raise OptionError(f"{where}.min_exit={o.min_exit} must not exceed "
-                              f"{where}.max_exit={o.max_exit}")
-        return o
+    def validate(self, where: str) -> None:
+        if self.min_exit > self.max_exit:
+            raise OptionError(f"{where}.min_exit={self.min_exit} must not exceed "
+                              f"{where}.max_exit={self.max_exit}")
 
 
 # Weight (in tokens) of the stream's estimate when a request's own estimate starts.
@@ -89,6 +86,9 @@ class DelProposer(Proposer):
         self._chosen: Counter = Counter()
         self.probing = Backoff(self.options.probe_every)
         self.gate = PayoffGate()
+
+    def bind(self, model: ModelInfo) -> None:
+        self._setup(model.num_layers)
 
     def _setup(self, num_layers: int) -> None:
         o = self.options
@@ -162,7 +162,8 @@ class DelProposer(Proposer):
         if model is None:
             raise RuntimeError("del needs StepContext.target_model")
         if self._num_layers != model.num_layers:
-            self._setup(model.num_layers)
+            raise RuntimeError(f"del was bound to a {self._num_layers}-layer model; "
+                               f"the target model handle has {model.num_layers} layers")
         self._steps += 1
         o = self.options
         for req in requests:

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from spec_plugins.builders import best_first, fit_batch
-from spec_plugins.options import opt, parse_options
+from spec_plugins.options import MethodOptions, opt
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.tree import DraftTree
 
@@ -111,16 +111,13 @@ def _learn(table: SuccessorTable, steps) -> None:
 
 
 @dataclass(frozen=True)
-class RecyclingOptions:
+class RecyclingOptions(MethodOptions):
     topk: int = opt(8, lo=1, hi=32, help="successors kept per token (the target's top-k)")
     tree: bool = opt(True, help="draft trees over all ranks (False: chains of rank-0 successors)")
     max_depth: int = opt(8, lo=1, hi=64, help="deepest draft node")
     min_token_prob: float = opt(0.02, lo=0.0, hi=1.0,
                                 help="drop nodes whose estimated acceptance falls below")
 
-    @classmethod
-    def parse(cls, values, where="recycling"):
-        return parse_options(cls, values, where)
 
 
 class RecyclingProposer(Proposer):

@@ -38,7 +38,7 @@ from typing import Sequence
 
 from spec_plugins.builders import best_first, fit_batch
 from spec_plugins.calibration import Calibrator
-from spec_plugins.options import opt, parse_options
+from spec_plugins.options import MethodOptions, opt
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.tree import DraftTree
 
@@ -121,7 +121,7 @@ class _TrieCursor:
 
 
 @dataclass(frozen=True)
-class SuffixOptions:
+class SuffixOptions(MethodOptions):
     max_depth: int = opt(24, lo=2, hi=256, help="longest context pattern matched, in tokens")
     max_spec_factor: float = opt(1.0, lo=0.0, hi=64.0,
                                  help="draft at most this many tokens per matched token")
@@ -137,9 +137,6 @@ class SuffixOptions:
     calibrate: bool = opt(True, help="replace count-share estimates by the acceptance observed "
                                      "for similar nodes (not for seeded requests)")
 
-    @classmethod
-    def parse(cls, values, where="suffix"):
-        return parse_options(cls, values, where)
 
 
 class _RequestState:

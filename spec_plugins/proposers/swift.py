@@ -39,8 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-from spec_plugins.options import OptionError, opt, parse_options
-from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
+from spec_plugins.options import MethodOptions, OptionError, opt
+from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
 from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
                                               best_length,
                                               chains_to_trees, describe_costs, draft_chains,
@@ -49,10 +49,10 @@ from spec_plugins.tree import DraftTree
 
 
 @dataclass(frozen=True)
-class SwiftOptions:
+class SwiftOptions(MethodOptions):
     skip_ratio: float = opt(0.45, lo=0.0, hi=0.9, help="share of the layers the draft skips")
-    skip_layers: str = opt("", help="comma-separated layer indices to skip (no search); "
-                                    "empty: search")
+    skip_layers: tuple[int, ...] = opt((), lo=0, help="layer indices to skip (no search); "
+                                                       "empty: search")
     min_confidence: float = opt(0.6, lo=0.0, hi=1.0,
                                 help="end a draft before a token less likely than this")
     trial_steps: int = opt(4, lo=1, hi=1000, help="steps each candidate set drafts in the search "
@@ -67,9 +67,6 @@ class SwiftOptions:
     seed: int = opt(0, lo=0, hi=2**31 - 1, help="seed of the random search")
     log_every: int = opt(256, lo=1, hi=10**9, help="steps between logs of what it measured")
 
-    @classmethod
-    def parse(cls, values, where="swift"):
-        return parse_options(cls, values, where)
 
 
 def spread(candidates: Sequence[int], m: int) -> tuple[int, ...]:
@@ -139,6 +136,9 @@ class SwiftProposer(Proposer):
         self.explore = Backoff(self.options.explore_every)
         self.gate = PayoffGate()
 
+    def bind(self, model: ModelInfo) -> None:
+        self._setup(model.num_layers)
+
     def _setup(self, num_layers: int) -> None:
         o = self.options
         self._num_layers = num_layers
@@ -148,15 +148,11 @@ class SwiftProposer(Proposer):
         self.search = None
         self.searching = False
         self._search_done_at = 0
-        if o.skip_layers.strip():
-            try:
-                skip = tuple(sorted({int(v) for v in o.skip_layers.split(",")}))
-            except ValueError:
-                skip = None
-            if skip is None or any(not 0 <= v < num_layers for v in skip) \
-                    or len(skip) >= num_layers:
+        if o.skip_layers:
+            skip = tuple(sorted(set(o.skip_layers)))
+            if any(v >= num_layers for v in skip) or len(skip) >= num_layers:
                 raise OptionError(
-                    f"swift.skip_layers={o.skip_layers!r} must list distinct layer indices "
+                    f"swift.skip_layers={list(o.skip_layers)} must list distinct layer indices "
                     f"in [0, {num_layers - 1}], fewer than all {num_layers} layers")
             self.skip = skip
         else:
@@ -201,7 +197,8 @@ class SwiftProposer(Proposer):
         if model is None:
             raise RuntimeError("swift needs StepContext.target_model")
         if self._num_layers != model.num_layers:
-            self._setup(model.num_layers)
+            raise RuntimeError(f"swift was bound to a {self._num_layers}-layer model; "
+                               f"the target model handle has {model.num_layers} layers")
         self._steps += 1
         # Credit last step's drafts to the sets that made them.
         for req in requests:

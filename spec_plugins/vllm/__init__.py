@@ -14,7 +14,7 @@ unknown keys). :func:`register` is the ``vllm.general_plugins`` entry point.
 
 from __future__ import annotations
 
-from spec_plugins.proposers import METHODS
+from spec_plugins.proposers import methods
 
 PREFIX = "spec_plugins.vllm."
 
@@ -34,15 +34,15 @@ def register() -> None:
         _registered = False
         logger.warning(reason)
         return
-    from spec_plugins.vllm import patches
+    from spec_plugins.vllm import hooks
 
-    patches.install_frontend_patches()
+    hooks.install()
     _registered = True
 
 
 def __getattr__(name: str):
     # ``spec_plugins.vllm.<method>`` is the class vLLM's custom_class loader builds.
-    if name in METHODS:
+    if name in methods():
         from spec_plugins.vllm.drafter import drafter_class
 
         return drafter_class(name)

@@ -1,9 +1,10 @@
 """CPU attention with tree masks, registered in vLLM's attention backend registry.
 
-``patches.install_tree_hooks`` registers :class:`TreeCPUAttentionBackend` under
-``CPU_ATTN`` (``vllm.v1.attention.backends.registry.register_backend``) in engine
-processes that run a tree-drafting spec_plugins method. It *is* vLLM's CPU backend
-whenever the step has no branching draft tree; in a tree step the requests with trees
+``hooks.activate`` registers :class:`TreeCPUAttentionBackend` under ``CPU_ATTN``
+(``vllm.v1.attention.backends.registry.register_backend``) in engine processes that run a
+tree-drafting spec_plugins method. It *is* vLLM's CPU backend whenever the step has no
+branching draft tree (the drafter sets each builder's ``tree_step`` for the steps that
+have one); in a tree step the requests with trees
 go through ``spec_plugins.kernels.tree_attention`` (its C kernel for float32, built on
 first use; else its torch path) and the rest through vLLM's own kernel on a sub-batch.
 """
@@ -23,7 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend,
                                                  CPUAttentionMetadataBuilder)
 
 from spec_plugins.kernels import tree_attention
-from spec_plugins.vllm import tree_step
+from spec_plugins.vllm.tree_step import TreeStep
 
 
 @dataclass
@@ -54,9 +55,13 @@ def cpu_metadata(builder: CPUAttentionMetadataBuilder, query_start_loc, max_quer
 
 
 class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    # This step's trees, set by the drafter (spec_plugins.vllm.drafter) between
+    # preparing the step's inputs and sampling; None otherwise.
+    tree_step: TreeStep | None = None
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        step = tree_step.current()
+        step = self.tree_step
         cm = common_attn_metadata
         if (step is None or cm.num_reqs != step.num_reqs
                 or cm.num_actual_tokens != step.num_tokens

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spec_plugins.options import OptionError
-from spec_plugins.proposers import METHODS, proposer_class
+from spec_plugins.proposers import methods, proposer_class
 from spec_plugins.vllm import PREFIX
 
 ADDITIONAL_KEY = "spec_plugins"
@@ -35,16 +35,16 @@ def settings_from(vllm_config) -> PluginSettings | None:
             raise OptionError(
                 f"--additional-config has {ADDITIONAL_KEY!r} options but --speculative-config "
                 f"does not select a spec_plugins method; set speculative_config.model to one of: "
-                + ", ".join(PREFIX + m for m in sorted(METHODS)))
+                + ", ".join(PREFIX + m for m in sorted(methods())))
         return None
     method = spec.model[len(PREFIX):]
-    if method not in METHODS:
+    if method not in methods():
         raise OptionError(
             f"speculative_config.model={spec.model!r} is not a spec_plugins method; "
-            f"allowed values: {', '.join(PREFIX + m for m in sorted(METHODS))}")
+            f"allowed values: {', '.join(PREFIX + m for m in sorted(methods()))}")
     cls = proposer_class(method)
     if cls.Options is not None:
-        options = cls.Options.parse(extra or {}, where=f"additional_config.{ADDITIONAL_KEY}")
+        options = cls.Options.parse(extra, where=f"additional_config.{ADDITIONAL_KEY}")
     elif extra:
         raise OptionError(f"additional_config.{ADDITIONAL_KEY}: method {method!r} takes no "
                           f"options, got {sorted(extra)}")

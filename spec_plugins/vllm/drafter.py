@@ -2,12 +2,20 @@
 
 It translates the runner's batch (rows of ``InputBatch``) into core
 :class:`~spec_plugins.proposers.base.DraftRequest` objects, calls the method's proposer
-and hands vLLM back each draft's nodes as the request's speculative tokens. Chains are
-verified by vLLM's own rejection sampler, which for chains from a deterministic drafter
-is the lossless verifier of ``spec_plugins.verify`` (greedy: longest prefix equal to the
-target argmax; sampling: accept with p(x), resample from the residual). Branching trees
-are remembered here (``pending_trees``) and verified in the next step by the tree
-machinery of ``tree_step.py``. Both are counted in ``vllm:spec_decode_*``.
+and hands vLLM back each draft's nodes as the request's speculative tokens.
+
+- Chains are verified by vLLM's own rejection sampler. Drafts that a method *sampled*
+  carry their draft distributions, handed to vLLM as ``draft_probs`` (deterministic drafts
+  are one-hot), so sampled verification stays lossless.
+- Branching trees are remembered (``pending_trees``) and verified in the next step by
+  ``tree_step.py``: this drafter owns that step's :class:`~spec_plugins.vllm.tree_step.
+  TreeStep` and hands it to the tree attention builders and to the verifier.
+- Methods that read the target's hidden states get them at the tokens each request
+  committed (vLLM's auxiliary hidden-state outputs of the target's forward pass).
+
+vLLM reaches this object only through ``spec_plugins.vllm.hooks``: ``load_model``,
+``aux_hidden_state_layers``, ``on_inputs_prepared``, ``on_logits``, ``on_verified``,
+``on_step_sampled`` and ``propose_for_runner``.
 """
 
 from __future__ import annotations
@@ -20,15 +28,16 @@ import torch
 
 from spec_plugins.cost import CostModel
 from spec_plugins.proposers import proposer_class
-from spec_plugins.proposers.base import DraftRequest, StepContext
+from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
 from spec_plugins.tree import DraftTree
+from spec_plugins.vllm import tree_step
 from spec_plugins.vllm.config import settings_from
 from spec_plugins.vllm.version import logger
-
 
 # Prior slope of the step-time curve, as a fraction of a one-token step per extra query
 # token (float32 on a CPU: ~0.1); online calibration replaces it within a few steps.
 PRIOR_PER_TOKEN = 0.1
+SUPPORTED_NEEDS = frozenset({"target_topk", "target_model", "hidden_states"})
 
 
 class TreeStats:
@@ -52,41 +61,61 @@ class TreeStats:
                         self.nodes / self.trees, self.accepted / self.trees)
 
 
+def model_info(vllm_config, model) -> ModelInfo:
+    """What the proposer learns about the loaded target (``Proposer.bind``)."""
+    mc = vllm_config.model_config
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    param = next(model.parameters(), None)
+    return ModelInfo(
+        model_path=mc.model, tokenizer_path=mc.tokenizer or mc.model,
+        architecture=type(model).__name__, num_layers=mc.get_total_num_hidden_layers(),
+        hidden_size=mc.get_hidden_size(), vocab_size=mc.get_vocab_size(),
+        max_model_len=mc.max_model_len, dtype=mc.dtype,
+        device=None if param is None else param.device,
+        embed_tokens=embed, lm_head_weight=getattr(head, "weight", None))
+
+
 class VllmDrafter:
     method: str = ""
 
     def __init__(self, vllm_config):
-        from spec_plugins.vllm import patches
-
-        patches.install_runner_hook()  # raises on an unsupported vLLM
         settings = settings_from(vllm_config)
         assert settings is not None and settings.method == self.method
         self.k = settings.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
+        self.vllm_config = vllm_config
         self.proposer = proposer_class(self.method)(settings.options)
         self.proposer.logger = logger
-        missing = set(self.proposer.needs) - {"target_topk", "target_model"}
-        if missing:
+        needs = set(self.proposer.needs)
+        if needs - SUPPORTED_NEEDS:
             raise NotImplementedError(
-                f"spec_plugins method {self.method!r} needs {sorted(missing)}, "
-                "which the vLLM adapter does not supply yet")
-        self.wants_topk = "target_topk" in self.proposer.needs
-        self.wants_model = "target_model" in self.proposer.needs
+                f"spec_plugins method {self.method!r} needs {sorted(needs - SUPPORTED_NEEDS)}, "
+                "which the vLLM adapter does not supply")
+        self.wants_topk = "target_topk" in needs
+        self.wants_model = "target_model" in needs
+        self.wants_states = "hidden_states" in needs
+        self.makes_trees = bool(self.proposer.makes_trees)
         self.target_model = None
-        self.vllm_config = vllm_config
-        self.trees = bool(self.proposer.makes_trees)
-        if self.trees:
-            patches.install_tree_hooks()
-        # Trees drafted last step, verified by tree_step in this one (req_id -> tree).
+        # Trees drafted last step, verified in this one (req_id -> tree), and the step
+        # that verifies them (None in steps without a branching tree).
         self.pending_trees: dict[str, DraftTree] = {}
+        self.step: tree_step.TreeStep | None = None
+        self._tree_builders: list | None = None
         self.tree_stats = TreeStats()
         self.rng = np.random.default_rng()
         self._topk: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._active: set[str] = set()
         self._last_len: dict[str, int] = {}
+        # Hidden states of committed tokens not yet handed to the proposer, and the next
+        # position each request's states continue from.
+        self._states: dict[str, list[CommittedStates]] = {}
+        self._states_end: dict[str, int] = {}
+        self._aux_order: list[int] | None = None
         # req_id -> (why it is never drafted for, or None; whether it is seeded;
-        #            whether a branching tree can be verified for it)
-        self._req_info: dict[str, tuple[str | None, bool, bool]] = {}
+        #            whether a branching tree can be verified for it; temperature; seed)
+        self._req_info: dict[str, tuple] = {}
         self._logged_reasons: set[str] = set()
         self.cost: CostModel | None = None
         self._t_last: float | None = None
@@ -95,38 +124,110 @@ class VllmDrafter:
 
     # custom_class protocol -------------------------------------------------
     def load_model(self, target_model=None, *args, **kwargs) -> None:
-        """vLLM passes the loaded target; self-speculative methods draft with it."""
+        """vLLM passes the loaded target: the proposer learns about it once (``bind``);
+        model-dependent mistakes fail here, at start-up."""
+        info = model_info(self.vllm_config, target_model)
+        self.proposer.bind(info)
         if self.wants_model:
             from spec_plugins.vllm.target_model import VllmTargetModel
 
             self.target_model = VllmTargetModel(target_model, self.vllm_config)
 
     def propose(self, *args, **kwargs):
-        raise RuntimeError("spec_plugins drafters are driven through the runner hook "
-                           "(spec_plugins.vllm.patches); it was not installed")
+        raise RuntimeError("spec_plugins drafters are driven through spec_plugins.vllm.hooks, "
+                           "which are not installed in this process (is the vllm.general_plugins "
+                           "entry point allowed by VLLM_PLUGINS?)")
 
-    # driven by patches.install_runner_hook ---------------------------------
-    def _classify(self, runner, req_id: str) -> tuple[str | None, bool, bool]:
+    # driven by spec_plugins.vllm.hooks --------------------------------------
+    def aux_hidden_state_layers(self) -> tuple[int, ...] | None:
+        """vLLM's auxiliary hidden-state ids for the proposer's layers (id ``i + 1`` is the
+        output of layer ``i``; vLLM returns them sorted, without repeats)."""
+        if not self.wants_states:
+            return None
+        layers = tuple(self.proposer.hidden_layers)
+        if not layers:
+            raise RuntimeError(f"spec_plugins method {self.method!r} needs hidden states but "
+                               "lists no hidden_layers after bind()")
+        ids = sorted({i + 1 for i in layers})
+        self._aux_order = [ids.index(i + 1) for i in layers]
+        return tuple(ids)
+
+    def on_inputs_prepared(self, runner, scheduler_output) -> None:
+        if not self.makes_trees:
+            return
+        self.step = tree_step.begin(runner, scheduler_output, self.pending_trees)
+        for builder in self._builders(runner):
+            builder.tree_step = self.step
+
+    def _builders(self, runner) -> list:
+        if self._tree_builders is None:
+            from spec_plugins.vllm.attention import TreeCPUAttentionMetadataBuilder
+
+            self._tree_builders = [b for groups in runner.attn_groups for g in groups
+                                   for b in g.metadata_builders
+                                   if isinstance(b, TreeCPUAttentionMetadataBuilder)]
+        return self._tree_builders
+
+    def on_logits(self, runner, logits, spec_decode_metadata) -> None:
+        """Keep the target's top-k next tokens at every position it just scored, with
+        the token at that position, per request (``StepContext.target_topk``). Rows are
+        the root and every draft node of a request, or its last scheduled token."""
+        if not self.wants_topk or logits is None:
+            return
+        num_reqs = runner.input_batch.num_reqs
+        if spec_decode_metadata is not None:
+            idx = spec_decode_metadata.logits_indices
+            counts = [n + 1 for n in spec_decode_metadata.num_draft_tokens]
+        else:
+            idx = torch.from_numpy(runner.query_start_loc.np[1:num_reqs + 1] - 1)
+            counts = [1] * num_reqs
+        ids = logits[: len(idx)].topk(self.proposer.topk, dim=-1).indices.cpu().numpy()
+        tokens = runner.input_ids.gpu[idx].cpu().numpy()
+        start = 0
+        for req_id, n in zip(runner.input_batch.req_ids, counts):
+            self._topk[req_id] = (tokens[start:start + n], ids[start:start + n])
+            start += n
+
+    def on_verified(self, out, num_draft_tokens, target_logits, bonus_token_ids,
+                    sampling_metadata) -> None:
+        """Inside vLLM's rejection sampler: verify this step's trees with the core
+        verifiers (overwriting their rows of ``out``) and compact their KV."""
+        step = self.step
+        if step is None:
+            return
+        step.verdicts = tree_step.verify(step, out, num_draft_tokens, target_logits,
+                                         bonus_token_ids, sampling_metadata, self.rng)
+        tree_step.compact_kv(step, step.verdicts, step.runner.kv_caches)
+        self.tree_stats.record(step.trees, step.verdicts)
+
+    def on_step_sampled(self) -> None:
+        for builder in self._tree_builders or ():
+            builder.tree_step = None
+
+    # request bookkeeping ------------------------------------------------------
+    def _classify(self, runner, req_id: str) -> tuple:
         """Read a request's sampling parameters once: why it must not be drafted for
-        (options our drafts cannot honour, else None), whether it is seeded, and whether
-        it may get a branching tree: vLLM applies penalties, bad words, min_tokens,
-        grammars and logprobs to draft positions as if they were a chain, so such
-        requests get chains."""
+        (options our drafts cannot honour, else None), whether it is seeded, whether it
+        may get a branching tree (vLLM applies penalties, bad words, min_tokens, grammars
+        and logprobs to draft positions as if they were a chain, so such requests get
+        chains), its temperature and its seed."""
         if req_id not in self._req_info:
             state = runner.requests.get(req_id)
             sp = getattr(state, "sampling_params", None)
-            seeded = bool(sp is not None and sp.seed is not None and sp.temperature > 0)
+            temperature = float(sp.temperature) if sp is not None else 0.0
+            seeded = bool(sp is not None and sp.seed is not None and temperature > 0)
             reason = None
             if sp is not None and sp.min_p and sp.min_p > 0:
                 reason = "min_p"
             elif sp is not None and sp.logit_bias:
                 reason = "logit_bias"
-            tree_ok = self.trees and sp is not None and not (
+            tree_ok = self.makes_trees and sp is not None and not (
                 sp.presence_penalty or sp.frequency_penalty
                 or (sp.repetition_penalty and sp.repetition_penalty != 1.0)
                 or sp.logprobs is not None or sp.bad_words or sp.min_tokens
                 or getattr(sp, "structured_outputs", None) is not None)
-            self._req_info[req_id] = (reason, seeded, tree_ok)
+            self._req_info[req_id] = (reason, seeded, tree_ok, temperature,
+                                      sp.seed if seeded else None)
             if reason and reason not in self._logged_reasons:
                 self._logged_reasons.add(reason)
                 logger.info("spec_plugins: requests with %s are served without speculation "
@@ -147,24 +248,82 @@ class VllmDrafter:
                 self.cost.observe(n, dt)
         self._t_last = now
 
-    def propose_for_runner(self, runner, scheduler_output, sampled_token_ids) -> list[list[int]]:
+    def _collect_states(self, runner, scheduler_output, sampled_token_ids, aux) -> None:
+        """Queue, per request, the target hidden states of the tokens it committed in this
+        step: every scheduled token of a prefill chunk or plain decode step; in a verify
+        step the root and the accepted draft tokens (tree rows: the accepted path)."""
+        if aux is None:
+            raise RuntimeError("spec_plugins: the runner passed no auxiliary hidden states")
+        batch = runner.input_batch
+        qsl = runner.query_start_loc.np
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        accepted_paths = {}
+        if self.step is not None and self.step.verdicts is not None:
+            accepted_paths = {int(r): v.accepted for r, v in zip(self.step.rows,
+                                                                   self.step.verdicts)}
+        rows, owners = [], []
+        for i, sampled in enumerate(sampled_token_ids):
+            req_id = batch.req_ids[i]
+            n = int(scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            if n == 0:
+                continue
+            if not spec.get(req_id):
+                local = range(n)
+            elif i in accepted_paths:
+                local = [0] + [1 + node for node in accepted_paths[i]]
+            else:
+                local = range(len(sampled))
+            start, p0 = int(qsl[i]), int(batch.num_computed_tokens_cpu[i])
+            end = self._states_end.get(req_id)
+            if end is not None and p0 < end:
+                # Recomputed from an earlier position (preempted and resumed): start over.
+                self._finish(req_id)
+            rows.extend(start + j for j in local)
+            owners.append((req_id, p0, len(local)))
+        if not rows:
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=aux[0].device)
+        states = torch.cat([aux[j].index_select(0, idx) for j in self._aux_order], dim=-1)
+        off = 0
+        for req_id, p0, n in owners:
+            self._states.setdefault(req_id, []).append(CommittedStates(
+                positions=torch.arange(p0, p0 + n, dtype=torch.long),
+                states=states[off:off + n]))
+            self._states_end[req_id] = p0 + n
+            off += n
+
+    def _take_states(self, req_id: str) -> CommittedStates | None:
+        parts = self._states.pop(req_id, None)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return CommittedStates(torch.cat([p.positions for p in parts]),
+                               torch.cat([p.states for p in parts]))
+
+    def propose_for_runner(self, runner, scheduler_output, sampled_token_ids,
+                           aux_hidden_states=None) -> list[list[int]]:
         self._calibrate(scheduler_output)
         batch = runner.input_batch
         k = getattr(scheduler_output, "num_spec_tokens_to_schedule", 0) or self.k
         k = min(k, self.k)
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         requests, rows = [], []
-        seen = set()
+        seen = set(batch.req_ids[:len(sampled_token_ids)])
+        for req_id in self._active - seen:
+            self._finish(req_id)
+        self._active = seen
+        if self.wants_states:
+            self._collect_states(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
         for i, sampled in enumerate(sampled_token_ids):
             req_id = batch.req_ids[i]
-            seen.add(req_id)
             if not sampled:
                 continue  # partial prefill: nothing committed yet
             n = int(batch.num_tokens_no_spec[i])
             room = min(k, self.max_model_len - n - 1)
             if room <= 0:
                 continue
-            skip_reason, seeded, tree_ok = self._classify(runner, req_id)
+            skip_reason, seeded, tree_ok, temperature, seed = self._classify(runner, req_id)
             if skip_reason:
                 continue
             last = self._last_len.get(req_id)
@@ -177,12 +336,13 @@ class VllmDrafter:
                 num_accepted=None if not last else len(sampled) - 1,
                 isolated=seeded,
                 tree_ok=tree_ok,
+                temperature=temperature,
+                seed=seed,
             ))
             rows.append(i)
-        for req_id in self._active - seen:
-            self._finish(req_id)
-        self._active = seen
         self.pending_trees.clear()
+        self.step = None
+        trees: list[DraftTree | None] = [None] * len(sampled_token_ids)
         if requests:
             ctx = StepContext(cost=self.cost, batch_tokens=len(sampled_token_ids))
             if self.wants_topk:
@@ -190,6 +350,8 @@ class VllmDrafter:
             if self.wants_model:
                 self.target_model.bind(runner, {r.req_id: i for r, i in zip(requests, rows)})
                 ctx.target_model = self.target_model
+            if self.wants_states:
+                ctx.hidden_states = [self._take_states(r.req_id) for r in requests]
             for i, req, tree in zip(rows, requests, self.proposer.propose(requests, ctx)):
                 if len(tree) > req.max_draft_tokens:
                     raise RuntimeError(
@@ -202,6 +364,8 @@ class VllmDrafter:
                             "request that needs a chain (DraftRequest.tree_ok is False)")
                     self.pending_trees[req.req_id] = tree
                 drafts[i] = list(tree.tokens)
+                trees[i] = tree
+        self._hand_draft_probs(runner, trees)
         self._topk.clear()
         for i, req_id in enumerate(batch.req_ids[:len(drafts)]):
             self._last_len[req_id] = len(drafts[i])
@@ -209,30 +373,34 @@ class VllmDrafter:
         self._t_last = time.perf_counter()
         return drafts
 
-    def observe_logits(self, runner, logits, spec_decode_metadata) -> None:
-        """Keep the target's top-k next tokens at every position it just scored, with
-        the token at that position, per request (``StepContext.target_topk``). Rows are
-        the root and every draft node of a request, or its last scheduled token."""
-        if logits is None:
+    def _hand_draft_probs(self, runner, trees) -> None:
+        """Sampled chain drafts: give vLLM's rejection sampler the distributions they were
+        drawn from, ``[num_reqs, max_draft, vocab]`` (vLLM takes rows for every request
+        with drafts or none: deterministic drafts and tree rows, which the tree verifier
+        overwrites, get one-hot rows)."""
+        if not any(t is not None and t.is_chain and t.draft_dists is not None and len(t)
+                   for t in trees):
             return
-        num_reqs = runner.input_batch.num_reqs
-        if spec_decode_metadata is not None:
-            idx = spec_decode_metadata.logits_indices
-            counts = [n + 1 for n in spec_decode_metadata.num_draft_tokens]
-        else:
-            idx = torch.from_numpy(runner.query_start_loc.np[1:num_reqs + 1] - 1)
-            counts = [1] * num_reqs
-        ids = logits[: len(idx)].topk(self.proposer.topk, dim=-1).indices.cpu().numpy()
-        tokens = runner.input_ids.gpu[idx].cpu().numpy()
-        start = 0
-        for req_id, n in zip(runner.input_batch.req_ids, counts):
-            self._topk[req_id] = (tokens[start:start + n], ids[start:start + n])
-            start += n
+        width = max(len(t) for t in trees if t is not None)
+        vocab = self.vllm_config.model_config.get_vocab_size()
+        probs = torch.zeros(len(trees), width, vocab, dtype=torch.float32, device=runner.device)
+        for i, t in enumerate(trees):
+            if t is None or not len(t):
+                continue
+            if t.is_chain and t.draft_dists is not None:
+                dists = torch.as_tensor(t.draft_dists, dtype=torch.float32)
+                probs[i, :len(t)] = dists[torch.as_tensor(t.dist_rows)].to(probs.device)
+            else:
+                probs[i, torch.arange(len(t)), torch.as_tensor(t.tokens)] = 1.0
+        runner._draft_probs = probs
+        runner._draft_prob_req_ids = list(runner.input_batch.req_ids[:len(trees)])
 
     def _finish(self, req_id: str) -> None:
         self.proposer.finish(req_id)
         self._last_len.pop(req_id, None)
         self._req_info.pop(req_id, None)
+        self._states.pop(req_id, None)
+        self._states_end.pop(req_id, None)
 
 
 @functools.cache

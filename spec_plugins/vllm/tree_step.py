@@ -7,8 +7,9 @@ then, in the step that verifies them:
 
 1. :func:`begin` (after the runner prepared its inputs): find the requests whose
    scheduled drafts are a branching tree, give their tokens depth-based RoPE positions
-   (the KV slots stay the flat ones vLLM computed), and publish a :class:`TreeStep`.
-2. ``spec_plugins.vllm.attention`` reads the step to attend with the tree mask.
+   (the KV slots stay the flat ones vLLM computed), and return a :class:`TreeStep`, which
+   the drafter owns for the step and hands to whoever needs it.
+2. ``spec_plugins.vllm.attention``'s builders get the step to attend with the tree mask.
 3. :func:`verify` (inside vLLM's rejection sampler, after vLLM processed the target
    logits): pick each tree's accepted path with the core verifiers and write it in
    vLLM's output format (accepted tokens, bonus token, then placeholders), so the
@@ -50,24 +51,12 @@ class TreeStep:
     slots: torch.Tensor | None = None  # KV slot of every packed tree token (set by attention)
     block_size: int = 0
     runner: Any = None                # the GPUModelRunner running the step
-
-
-_current: TreeStep | None = None
-
-
-def current() -> TreeStep | None:
-    return _current
-
-
-def end() -> None:
-    global _current
-    _current = None
+    verdicts: list | None = None      # per tree, the verifier's Verdict (set by verify)
 
 
 def begin(runner, scheduler_output, pending: dict[str, DraftTree]) -> TreeStep | None:
-    """``pending``: the trees the drafter proposed last step, by request id (popped)."""
-    global _current
-    _current = None
+    """``pending``: the trees the drafter proposed last step, by request id (popped).
+    None when no scheduled draft is a branching tree."""
     spec = scheduler_output.scheduled_spec_decode_tokens
     if not pending or not spec:
         pending.clear()
@@ -115,11 +104,10 @@ def begin(runner, scheduler_output, pending: dict[str, DraftTree]) -> TreeStep |
     runner.positions[tok_t] = torch.from_numpy(positions).to(runner.positions.dtype)
     other = np.setdiff1d(np.arange(num_reqs), rows)
     other_tok = token_indices(other)
-    _current = TreeStep(
+    return TreeStep(
         num_reqs=num_reqs, num_tokens=int(q_lens.sum()), rows=rows,
         prefix_lens=prefix, trees=trees, tree_tokens=tok_t, other_rows=other,
         other_q_lens=q_lens[other], other_tokens=torch.from_numpy(other_tok), runner=runner)
-    return _current
 
 
 def verify(step: TreeStep, out: torch.Tensor, num_draft_tokens, target_logits: torch.Tensor,

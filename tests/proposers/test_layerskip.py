@@ -16,7 +16,7 @@ import torch
 
 from spec_plugins.cost import CostModel
 from spec_plugins.options import OptionError
-from spec_plugins.proposers.base import DraftRequest, StepContext
+from spec_plugins.proposers.base import DraftRequest, ModelInfo, StepContext
 from spec_plugins.proposers.del_exit import DelProposer
 from spec_plugins.proposers import layerskip
 from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
@@ -24,6 +24,11 @@ from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, P
 from spec_plugins.proposers.swift import LayerSetSearch, SwiftProposer
 
 V = 50
+
+
+def toy_model_info(num_layers: int) -> ModelInfo:
+    return ModelInfo(model_path="toy", tokenizer_path="toy", architecture="Toy",
+                     num_layers=num_layers, hidden_size=16, vocab_size=64, max_model_len=4096)
 
 
 class SimClock:
@@ -93,6 +98,7 @@ class Decoder:
 
     def __init__(self, proposer, target, n_reqs=2, k=4, cost=None, batch_tokens=None):
         self.p, self.t, self.k = proposer, target, k
+        proposer.bind(toy_model_info(num_layers=target.num_layers))
         self.seqs = {f"r{i}": [i + 1, truth(i + 1)] for i in range(n_reqs)}
         self.accepted: dict[str, int | None] = {r: None for r in self.seqs}
         self.cost = cost
@@ -225,7 +231,7 @@ def test_swift_search_avoids_critical_layers_then_drafts_accurately(caplog):
 
 
 def test_swift_fixed_layers_and_isolated_requests():
-    p = SwiftProposer({"skip_layers": "3,4", "min_confidence": 0.0})
+    p = SwiftProposer({"skip_layers": [3, 4], "min_confidence": 0.0})
     target = ToyTarget(num_layers=12, critical=(4,))
     dec = Decoder(p, target, cost=CostModel.linear(1.0, 0.05))
     for _ in range(8):  # the prior says 10 of 12 layers do not pay: it explores at step 8
@@ -235,6 +241,7 @@ def test_swift_fixed_layers_and_isolated_requests():
     iso = SwiftProposer({"min_confidence": 0.0})
     target = ToyTarget(num_layers=12)
     req = DraftRequest("s", np.array([1, 2]), 1, [2], 3, isolated=True)
+    iso.bind(toy_model_info(num_layers=12))
     target.bind([req])
     trees = iso.propose([req], StepContext(cost=CostModel.linear(1.0, 0.05),
                                            target_model=target))
@@ -242,8 +249,9 @@ def test_swift_fixed_layers_and_isolated_requests():
     assert all(c[2] == iso.layers(iso.fixed_isolated) for c in target.calls)
     assert len(iso.fixed_isolated) == round(0.45 * 12)
     with pytest.raises(OptionError, match="swift.skip_layers"):
-        bad = SwiftProposer({"skip_layers": "3,40"})
-        Decoder(bad, ToyTarget(num_layers=12)).step()
+        SwiftProposer({"skip_layers": [3, 40]}).bind(toy_model_info(num_layers=12))
+    with pytest.raises(OptionError, match="swift.skip_layers must be tuple"):
+        SwiftProposer({"skip_layers": "3,4"})
     with pytest.raises(OptionError, match="swift.skip_ratio"):
         SwiftProposer({"skip_ratio": 2.0})
 
@@ -285,4 +293,4 @@ def test_del_options_are_validated():
     with pytest.raises(OptionError, match="del.min_exit"):
         DelProposer({"min_exit": 0.9, "max_exit": 0.5})
     with pytest.raises(OptionError, match="del.exit_layer=40"):
-        Decoder(DelProposer({"exit_layer": 40}), ToyTarget(num_layers=30)).step()
+        DelProposer({"exit_layer": 40}).bind(toy_model_info(num_layers=30))

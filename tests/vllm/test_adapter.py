@@ -1,6 +1,7 @@
 """The vLLM adapter against real vLLM config and sampling objects (no server)."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,14 +71,16 @@ def test_min_p_is_accepted_only_with_our_methods(tiny_model):
         sp._validate_spec_decode(ngram)
 
 
-def test_patches_are_idempotent():
+def test_hooks_are_installed_once():
     from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from spec_plugins.vllm import patches
+    from spec_plugins.vllm import hooks
 
-    before = VllmConfig.__post_init__
-    patches.install_frontend_patches()
-    assert VllmConfig.__post_init__ is before
+    before = VllmConfig.__post_init__, GPUModelRunner._sample
+    hooks.install()
+    assert (VllmConfig.__post_init__, GPUModelRunner._sample) == before
+    assert getattr(GPUModelRunner.propose_draft_token_ids, hooks._MARK)
 
 
 def test_unsupported_version_registers_nothing(monkeypatch, caplog):
@@ -93,9 +96,9 @@ def test_unsupported_version_registers_nothing(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if "not supported" in r.getMessage()]
     assert len(lines) == 1 and "0.32.x on cpu" in lines[0]
     with pytest.raises(RuntimeError, match="not supported"):
-        from spec_plugins.vllm import patches
+        from spec_plugins.vllm import hooks
 
-        patches.install_runner_hook()
+        hooks.install()
 
 
 def test_method_classes_resolve_like_vllm_loads_them():
@@ -113,9 +116,9 @@ def test_worker_patch_expands_float_sampling_parameters_correctly():
     import torch
     from vllm.v1.sample import rejection_sampler as rs
 
-    from spec_plugins.vllm import patches
+    from spec_plugins.vllm import hooks
 
-    patches.install_runner_hook()
+    hooks.activate(SimpleNamespace(makes_trees=False))
     temps = torch.tensor([0.8, 0.0, 1.3], dtype=torch.float32)
     cu = torch.tensor([2, 5, 6], dtype=torch.int32)
     out = rs.expand_batch_to_tokens(temps, cu, 6, replace_from=0, replace_to=1)
