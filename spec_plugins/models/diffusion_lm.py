@@ -49,9 +49,10 @@ decoder again, fixing the most confident positions first (see ``lattice``).
 **Generic masked diffusion LMs** (LLaDA / Dream style), where feasible: a bidirectional
 model called as ``model(input_ids=context + [MASK] * L).logits``, loaded with
 ``AutoModel...`` (``trust_remote_code`` for checkpoints that ship their own code), with
-``mask_token_id`` from the argument, the config or the tokenizer. Every token attends to
-the masks, so no context KV cache is exact: each call re-runs the whole context (requests
-are batched only with others of the same length, so no padding reaches the remote code).
+``mask_token_id`` from the argument, the config, the tokenizer, or (LLaDA) its documented
+id. Every token attends to the masks, so no context KV cache is exact: each call re-runs
+the whole context (requests are batched only with others of the same length, so no
+padding reaches the remote code).
 Dream-style models, whose logits at ``i`` predict token ``i + 1``, are read one position
 to the left (``shift_logits``, on by default for ``model_type == "Dream"``).
 """
@@ -70,6 +71,8 @@ __all__ = ["DiffusionLMDrafter"]
 _DIFFUSION_GEMMA = "diffusion_gemma"
 _GENERIC_BLOCK = 256  # max_block of generic models whose config names no block size
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, context length) over generator seeds
+# [MASK] ids of masked diffusion LMs whose config and tokenizer may not name them
+_KNOWN_MASK_IDS = {"llada": 126336}  # LLaDA's reserved mask token (its GUIDELINES.md)
 
 
 @dataclasses.dataclass
@@ -259,6 +262,8 @@ class DiffusionLMDrafter:
         else:
             if mask_token_id is None:
                 mask_token_id = getattr(config, "mask_token_id", None)
+            if mask_token_id is None:
+                mask_token_id = _KNOWN_MASK_IDS.get(self.kind.lower())
             if mask_token_id is None:
                 raise ValueError(
                     f"{self.kind!r} is not DiffusionGemma, so it is driven as a masked diffusion "
