@@ -52,6 +52,15 @@ def _tiny_diffusion_gemma():
     return transformers.DiffusionGemmaForBlockDiffusion(cfg)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one intra-op thread is faster, and steady on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def dg_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("diffusion_gemma")
