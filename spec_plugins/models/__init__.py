@@ -1,0 +1,1 @@
+"""Draft models, engine-agnostic (torch + safetensors only; no engine imports)."""
