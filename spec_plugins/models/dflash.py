@@ -669,8 +669,8 @@ class DFlashDrafter(nn.Module):
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The tensors of ``model.safetensors`` (the mask embedding goes to its own file)."""
-        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()
-              if k != "mask_embedding"}
+        sd = {k: v.detach().clone().contiguous() for k, v in self.state_dict().items()
+              if k != "mask_embedding"}  # clones: tied weights must not share memory in safetensors
         if self.d2t is not None:
             sd["d2t"] = self.d2t.to(torch.long).contiguous()
         return sd
