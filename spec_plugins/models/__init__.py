@@ -1,1 +1,1 @@
-"""Draft models that spec_plugins methods run next to the target (engine-agnostic: torch + transformers)."""
+"""Drafter models with their own weights (engine-agnostic torch): DFlash block drafters, diffusion LMs."""

@@ -1,0 +1,129 @@
+"""spec-plugins-train-drafter end to end on a tiny random Llama target (well under a minute)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from spec_plugins import train_drafter as td  # noqa: E402
+from spec_plugins.models.dflash import DFlashDrafter  # noqa: E402
+
+TEXT = """The river runs past the old mill and under the stone bridge. In spring the water is
+high and the children watch the boats go by.
+
+A list is a sequence of values. You can add items to a list, remove them, sort the list or
+reverse it. Lists are written with square brackets.
+
+The baker opens the shop at six. Fresh bread, rolls and small cakes are on the shelves
+before the first customers arrive, and the smell fills the whole street.
+
+To read a file in Python, open it with a with statement and iterate over its lines. Each
+line keeps its newline character unless you strip it.
+
+Clouds gather in the west when the wind turns. Farmers look at the sky and decide whether
+to bring the hay in before the rain.
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny-target")
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([TEXT], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<unused0>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", additional_special_tokens=["<unused0>"])
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=4, vocab_size=len(tok),
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    corpus = d / "corpus.txt"
+    corpus.write_text(TEXT)
+    return d, corpus
+
+
+def _run(model, corpus, out, **kw):
+    s = td.Settings.tiny(model=str(model), corpus=str(corpus), out=str(out), threads=1, **kw)
+    return td.run(s)
+
+
+def test_tiny_training_end_to_end(tiny_target, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEC_PLUGINS_CACHE", str(tmp_path / "cache"))
+    model, corpus = tiny_target
+    out = tmp_path / "drafter"
+    r1 = _run(model, corpus, out, steps=12)
+    c1 = r1["cost"]
+    assert c1["tokens_generated"] > 0 and c1["generate_s"] > 0 and c1["positions_trained"] > 0
+    hist = json.loads((out / "train_report.json").read_text())["loss_first"]
+    assert len(hist) == 5
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    losses = state["history"]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
+    ev = r1["eval"]
+    assert len(ev["per_position_accuracy"]) == 3 and all(0 <= a <= 1 for a in ev["per_position_accuracy"])
+
+    # The checkpoint is a DFlash checkpoint that loads with the target's embedding.
+    from transformers import AutoModelForCausalLM
+    target = AutoModelForCausalLM.from_pretrained(model)
+    emb = target.get_input_embeddings().weight.detach()
+    d = DFlashDrafter.from_pretrained(out, embed_tokens=emb)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["draft_vocab_size"] == 64
+    assert cfg["dflash_config"]["target_layer_ids"] == td.default_target_layers(4)
+    assert cfg["dflash_config"]["mask_token_id"] == r1["mask_token_id"]
+    assert (out / "mask_embedding.pt").exists() and d.mask_embedding is not None
+    states = torch.randn(5, d.config.fc_in_features)
+    logits = d.draft_block([d.context_kv(states, torch.arange(5))], torch.tensor([3]),
+                           torch.tensor([5]), 3)
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+
+    # Re-running with more steps resumes (and reuses the cached generation and features).
+    snap = tmp_path / "at12"
+    shutil.copytree(out, snap)
+    r2 = _run(model, corpus, out, steps=16)
+    assert r2["cost"]["resumed_from"] == 12
+    assert r2["cost"]["generate_s"] == 0.0 and r2["cost"]["features_s"] == 0.0
+    assert len(torch.load(out / "train_state.pt", weights_only=False)["history"]) == 16
+
+    # The same seed gives identical weights (fresh output directory, cached data).
+    r3 = _run(model, corpus, tmp_path / "again", steps=12)
+    assert r3["cost"]["generate_s"] == 0.0
+    from safetensors.torch import load_file
+    a = load_file(str(snap / "model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # ... and another seed does not.
+    r4 = _run(model, corpus, tmp_path / "other", steps=12, seed=1)
+    c = load_file(str(tmp_path / "other" / "model.safetensors"))
+    assert not all(torch.equal(a[n], c[n]) for n in a if n in c)
+
+
+def test_target_layers_and_cli_parsing():
+    assert td.default_target_layers(30) == [1, 8, 14, 20, 27]
+    assert td.default_target_layers(36) == [1, 9, 17, 25, 33]
+    assert max(td.default_target_layers(4)) <= 2
+    s = td._parse(["--tiny", "--steps", "3", "--target-layers", "0,2", "--no-tie-k-norm"])
+    assert s.steps == 3 and s.target_layers == [0, 2] and not s.tie_k_norm and s.block_size == 4
+    s = td._parse(["--vocab", "4096"])
+    assert s.vocab == 4096 and s.steps == td.Settings().steps
+
+
+def test_prompts_from_local_corpus_are_deterministic():
+    a = td.build_prompts("local", 20, seed=3)
+    assert a == td.build_prompts("local", 20, seed=3) and len(set(a)) > 10
+    assert any("def " in p or "Python" in p for p in a)
