@@ -61,8 +61,9 @@ def test_min_p_and_logit_bias_are_served_without_speculation(suffix_server, vani
 @pytest.mark.parametrize("spec,extra,expect", [
     ({"model": "spec_plugins.vllm.sufix", "num_speculative_tokens": 4}, None,
      "speculative_config.model='spec_plugins.vllm.sufix' is not a spec_plugins method; "
-     "allowed values: spec_plugins.vllm.del, spec_plugins.vllm.recycling, "
-     "spec_plugins.vllm.suffix, spec_plugins.vllm.swift"),
+     "allowed values: spec_plugins.vllm.del, spec_plugins.vllm.dflash, "
+     "spec_plugins.vllm.diffuspec, spec_plugins.vllm.recycling, spec_plugins.vllm.suffix, "
+     "spec_plugins.vllm.swift"),
     (SUFFIX, {"spec_plugins": {"min_token_prob": 3}},
      "additional_config.spec_plugins.min_token_prob=3.0 is out of range"),
     (SUFFIX, {"spec_plugins": {"depth": 3}},

@@ -49,8 +49,12 @@ def serve_command(model: str, port: int, speculative_config: dict | None = None,
     return cmd + list(extra)
 
 
-def engine_env() -> dict[str, str]:
+def engine_env(extra_path: str | None = None) -> dict[str, str]:
+    """The environment of an engine process; ``extra_path`` goes first on its PYTHONPATH
+    (e.g. a test-only package of methods)."""
     env = dict(os.environ)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     if iomp.exists():
         # One OpenMP runtime only: vLLM's CPU platform puts torch's libgomp into this
@@ -71,13 +75,15 @@ def log_file(name: str) -> str:
 @contextlib.contextmanager
 def vllm_server(model: str, speculative_config: dict | None = None,
                 additional_config: dict | None = None, extra: list[str] = (),
-                timeout: float = 600, log_path: str | None = None):
+                timeout: float = 600, log_path: str | None = None,
+                extra_path: str | None = None):
     """Yield the base URL of a ready server; stop it (and its engine) on exit."""
     port = free_port()
     cmd = serve_command(model, port, speculative_config, additional_config, extra)
     log = open(log_path, "w") if log_path else tempfile.NamedTemporaryFile(
         "w+", prefix="vllm-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env=engine_env(extra_path),
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

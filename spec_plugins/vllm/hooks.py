@@ -43,7 +43,13 @@ Activated per engine by :func:`activate`, for a spec_plugins drafter only:
     (per-request temperature and top-p spread over draft tokens) come back as
     uninitialised memory: sampled verification is then neither lossless nor reproducible.
     Replaced by a torch ``repeat_interleave``.
-11. Tree methods: the ``CPU_ATTN`` entry of vLLM's attention backend registry points at
+11. ``rejection_sampler.apply_sampling_constraints`` (a bug fix): vLLM 0.32 builds
+    speculative metadata for every step once speculation is on, also for steps without
+    a single draft token, and then applies top-k to the empty draft logits; the CPU
+    top-k path calls ``max()`` on the empty ``k`` and the engine dies, so any request
+    with ``top_k`` (vLLM's own ``ngram`` too) crashes the server. Empty logits are
+    returned as they are.
+12. Tree methods: the ``CPU_ATTN`` entry of vLLM's attention backend registry points at
     ``spec_plugins.vllm.attention.TreeCPUAttentionBackend`` (vLLM's own backend unless the
     step has a tree), and the C tree-attention kernel is built.
 """
@@ -232,6 +238,15 @@ def activate(drafter) -> None:
     from vllm.v1.sample import rejection_sampler
 
     _wrap(rejection_sampler, "expand_batch_to_tokens", lambda orig: expand_batch_to_tokens)
+
+    def make_constraints(orig):
+        def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+            if logits.shape[0] == 0:
+                return logits
+            return orig(logits, cu_num_draft_tokens, sampling_metadata)
+        return apply_sampling_constraints
+
+    _wrap(rejection_sampler, "apply_sampling_constraints", make_constraints)
     if drafter.makes_trees:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 

@@ -26,7 +26,7 @@ def test_registered_and_declares_what_it_needs():
     assert cls is RecyclingProposer
     prop = cls({"topk": 4})
     assert prop.needs == {"target_topk"} and prop.makes_trees and prop.topk == 4
-    with pytest.raises(OptionError, match="allowed methods: del, recycling, suffix, swift"):
+    with pytest.raises(OptionError, match="allowed methods: del, dflash, diffuspec, recycling, suffix, swift"):
         proposer_class("recyling")
 
 

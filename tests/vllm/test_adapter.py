@@ -39,8 +39,9 @@ def test_our_method_is_validated_when_vllm_builds_its_config(tiny_model):
 
 @pytest.mark.parametrize("spec,additional,msg", [
     ({"model": "spec_plugins.vllm.nope", "num_speculative_tokens": 4}, None,
-     "allowed values: spec_plugins.vllm.del, spec_plugins.vllm.recycling, "
-     "spec_plugins.vllm.suffix, spec_plugins.vllm.swift"),
+     "allowed values: spec_plugins.vllm.del, spec_plugins.vllm.dflash, "
+     "spec_plugins.vllm.diffuspec, spec_plugins.vllm.recycling, spec_plugins.vllm.suffix, "
+     "spec_plugins.vllm.swift"),
     (SUFFIX, {"spec_plugins": {"max_depth": 1}}, r"max_depth=1 is out of range \[2, 256\]"),
     (SUFFIX, {"spec_plugins": {"colour": 1}}, "unknown option additional_config.spec_plugins.colour"),
     (None, {"spec_plugins": {"max_depth": 8}}, "does not select a spec_plugins method"),
@@ -126,3 +127,18 @@ def test_worker_patch_expands_float_sampling_parameters_correctly():
     ks = rs.expand_batch_to_tokens(torch.tensor([5, 0], dtype=torch.int64),
                                    torch.tensor([1, 3], dtype=torch.int32), 3)
     assert ks.tolist() == [5, 0, 0]
+
+
+def test_engine_fix_keeps_top_k_requests_alive_in_steps_without_drafts():
+    """vLLM 0.32 runs its rejection sampler on every step once speculation is on, also
+    with zero draft tokens; top-k over the empty draft logits crashed the engine."""
+    import torch
+    from vllm.v1.sample import rejection_sampler as rs
+
+    from spec_plugins.vllm import hooks
+
+    hooks.activate(SimpleNamespace(makes_trees=False))
+    meta = SimpleNamespace(top_k=torch.tensor([6, 6]), top_p=None, all_greedy=False,
+                           all_random=True, temperature=torch.tensor([1.0, 1.0]))
+    empty = torch.zeros(0, 64)
+    assert rs.apply_sampling_constraints(empty, torch.tensor([0, 0]), meta).shape == (0, 64)

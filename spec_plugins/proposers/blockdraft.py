@@ -1,0 +1,199 @@
+"""What the block-drafting methods (``dflash``, ``diffuspec``) share.
+
+A block drafter proposes the next ``L`` positions in one pass; its per-position
+distributions form a lattice (``spec_plugins.lattice``). :class:`BlockProposer` turns the
+lattice into drafts, whatever produced it:
+
+- greedy requests get a DDTree: the best-first tree over the lattice by path probability,
+  under the node budget the adapter's verify-cost model pays for (``builders.fit_batch``
+  over the whole batch); ``tree: false`` (or a request that needs a chain) gives the
+  argmax chain, or the subclass's own chain search (:meth:`BlockProposer._chain`). With
+  ``calibrate`` the draft probabilities are replaced by the acceptance observed for nodes
+  of the same depth and probability (``calibration.Calibrator``), which is what the budget
+  needs;
+- sampled requests get drafts *drawn* from the temperature-scaled lattice, carried with
+  their distributions so the verifiers stay lossless (chains through vLLM's rejection
+  sampler, trees through the core verifier); seeded requests draw from their own seed;
+- the block length follows each request's recent acceptance (DiffuSpec's ADL,
+  ``lattice.AdaptiveLength``) within ``[min_block, max_block]``.
+
+Subclasses produce the lattice: :meth:`BlockProposer._lattice` returns logits over the
+drafter's vocabulary, with :meth:`_to_target_ids` / :meth:`_to_target_logits` mapping a
+trimmed vocabulary back to the target's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from spec_plugins.builders import fit_batch
+from spec_plugins.calibration import Calibrator
+from spec_plugins.lattice import AdaptiveLength, greedy_tree, sampled_tree, topk_lattice
+from spec_plugins.options import MethodOptions, OptionError, opt
+from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
+from spec_plugins.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class BlockOptions(MethodOptions):
+    tree: bool = opt(True, help="DDTree draft trees over the block's per-position "
+                                "distributions (False: chains)")
+    topk: int = opt(4, lo=1, hi=1024, help="candidate tokens per block position in a tree "
+                                           "(and in diffuspec's chain search)")
+    max_block: int = opt(0, lo=0, hi=64, help="most positions drafted per step "
+                                              "(0: the drafter's trained block)")
+    min_block: int = opt(1, lo=1, hi=64, help="fewest positions drafted per step")
+    adaptive: bool = opt(True, help="block length from recent acceptance (ADL); "
+                                    "False: always max_block")
+    calibrate: bool = opt(True, help="replace draft probabilities by the acceptance observed "
+                                     "for nodes of the same depth and probability")
+    sample: bool = opt(True, help="sampled requests get drafts drawn from the draft "
+                                  "distributions (False: argmax drafts)")
+
+    def validate(self, where: str) -> None:
+        if self.max_block and self.min_block > self.max_block:
+            raise OptionError(f"{where}.min_block={self.min_block} must not exceed "
+                              f"{where}.max_block={self.max_block}")
+
+
+class BlockState:
+    """Per-request state of a block proposer (subclasses add their drafter's)."""
+
+    def __init__(self, adl: AdaptiveLength):
+        self.adl = adl
+        self.last: DraftTree | None = None
+        self.buckets: list | None = None
+        self.greedy = True
+
+
+def _bucket(depth: int, p: float) -> tuple[int, int]:
+    return min(depth, 8), min(int(p * 10), 9)
+
+
+class BlockProposer(Proposer):
+    makes_trees = True
+    #: The longest block (set by ``bind`` from the drafter and ``max_block``).
+    max_block: int = 0
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.calibrator = Calibrator()
+        self._requests: dict[str, BlockState] = {}
+        self._gen = torch.Generator()
+
+    def _set_max_block(self, trained: int) -> None:
+        """Called by ``bind`` with the drafter's trained block length."""
+        o = self.options
+        self.max_block = o.max_block or trained
+        if o.min_block > self.max_block:
+            raise OptionError(f"{self.name}.min_block={o.min_block} exceeds the block length "
+                              f"{self.max_block} ({self.name}.max_block or the drafter's)")
+
+    # ---- what a subclass supplies ------------------------------------------
+    def _new_state(self, req: DraftRequest) -> BlockState:
+        return BlockState(self._adl())
+
+    def _update(self, st: BlockState, req: DraftRequest, extra: Any) -> BlockState:
+        """Take what the engine committed for ``req`` (``extra``: its hidden states, for
+        drafters that read them); return the state to use (a fresh one to start over)."""
+        return st
+
+    def _lattice(self, reqs: Sequence[DraftRequest], states: Sequence[BlockState],
+                 length: int) -> torch.Tensor:
+        """Draft logits ``[B, length, Vd]`` for the next ``length`` positions."""
+        raise NotImplementedError
+
+    def _to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
+
+    def _to_target_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def _chain(self, req: DraftRequest, ids: np.ndarray, probs: np.ndarray) -> DraftTree | None:
+        """A chain for a greedy request from the top-k lattice, or None for the argmax."""
+        return None
+
+    # ---- shared ------------------------------------------------------------
+    def _adl(self) -> AdaptiveLength:
+        return AdaptiveLength(self.options.min_block, self.max_block, start=self.max_block)
+
+    def finish(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+
+    def _learn(self, st: BlockState, req: DraftRequest) -> None:
+        if st.last is None or req.num_accepted is None:
+            return
+        st.adl.observe(req.num_accepted)
+        if st.greedy and st.buckets is not None and self.options.calibrate and not req.isolated:
+            self.calibrator.record(st.last, st.buckets, list(req.new_tokens))
+        st.last = st.buckets = None
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
+        o = self.options
+        extras = ctx.hidden_states or [None] * len(requests)
+        sts, lens = [], []
+        for req, extra in zip(requests, extras):
+            st = self._requests.get(req.req_id) or self._new_state(req)
+            st = self._requests[req.req_id] = self._update(st, req, extra)
+            self._learn(st, req)
+            n = st.adl.length if o.adaptive else self.max_block
+            sts.append(st)
+            lens.append(max(0, min(n, req.max_draft_tokens)))
+        trees = [DraftTree.empty() for _ in requests]
+        live = [i for i, n in enumerate(lens) if n > 0 and self._can_draft(sts[i])]
+        if not live:
+            return trees
+        logits = self._lattice([requests[i] for i in live], [sts[i] for i in live],
+                               max(lens[i] for i in live))
+        fixed = [r.isolated for r in requests]
+        for row, i in enumerate(live):
+            req, st, n = requests[i], sts[i], lens[i]
+            lg = logits[row, :n].float()                          # [n, Vd]
+            if req.temperature > 0 and o.sample:
+                trees[i] = self._sampled(req, lg, n)
+                fixed[i] = True   # a drawn shape is kept whole (its nodes are not ranked)
+                st.greedy = False
+            else:
+                trees[i], st.buckets = self._greedy(req, lg)
+                st.greedy = True
+        trees = fit_batch(trees, ctx.cost, ctx.batch_tokens, fixed=fixed)
+        for i, st in enumerate(sts):
+            st.last = trees[i] if len(trees[i]) else None
+            if st.buckets is not None:
+                st.buckets = st.buckets[:len(trees[i])]
+        return trees
+
+    def _can_draft(self, st: BlockState) -> bool:
+        return True
+
+    def _greedy(self, req: DraftRequest, lg: torch.Tensor) -> tuple[DraftTree, list]:
+        o = self.options
+        ids, probs = topk_lattice(torch.softmax(lg, dim=-1), o.topk)
+        ids = self._to_target_ids(torch.from_numpy(ids)).numpy()   # [n, k] target ids
+        calibrated = o.calibrate and not req.isolated
+        scores = (lambda d, p: np.array([self.calibrator.prob(_bucket(d + 1, x), x) for x in p])
+                  ) if calibrated else None
+        if o.tree and req.tree_ok:
+            tree = greedy_tree(ids, probs, req.max_draft_tokens, scores=scores)
+        else:
+            tree = self._chain(req, ids, probs) or greedy_tree(
+                ids[:, :1], probs[:, :1], req.max_draft_tokens, scores=scores)
+        # Buckets from each node's raw draft probability (for the calibrator).
+        raw = {(d, int(t)): float(p) for d in range(len(ids)) for t, p in zip(ids[d], probs[d])}
+        buckets = [_bucket(d, raw.get((d - 1, t), 0.0)) for d, t in zip(tree.depths(),
+                                                                           tree.tokens)]
+        return tree, buckets
+
+    def _sampled(self, req: DraftRequest, lg: torch.Tensor, n: int) -> DraftTree:
+        o = self.options
+        q = torch.softmax(self._to_target_logits(lg) / req.temperature, dim=-1)  # [n, V]
+        gen = self._gen
+        if req.seed is not None:
+            gen = torch.Generator().manual_seed(req.seed * 1_000_003 + len(req.token_ids))
+        width = 2 if (o.tree and req.tree_ok and o.topk > 1 and 2 * n <= req.max_draft_tokens) else 1
+        return sampled_tree(q.cpu(), [width] + [1] * (n - 1), gen)

@@ -1,0 +1,124 @@
+"""DFlash block drafting with DDTree draft trees (method ``dflash``).
+
+A small non-causal drafter (``spec_plugins.models.dflash``, vLLM's ``dflash`` checkpoint
+format, so drafters published for vLLM load unchanged) reads the target's hidden states at
+the committed tokens and drafts a block of ``L`` positions in ONE forward pass: the last
+committed token, then mask slots, each slot's output a distribution over the token at its
+position. What is done with that lattice (DDTrees for greedy requests, drawn drafts with
+their distributions for sampled ones, adaptive block length) is ``blockdraft.py``'s.
+
+The drafter's context K/V is its own per-request state: it grows by the hidden states the
+adapter hands over for every committed token (prefill chunks, then per step the accepted
+tokens); a request that leaves the engine (finished, aborted, preempted) drops it, and a
+resumed request rebuilds it from its recomputed prefill. Tokens served from the prefix
+cache have no hidden states: the context then lacks them (drafts get worse, outputs do
+not change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from spec_plugins.options import OptionError, opt
+from spec_plugins.proposers.base import DraftRequest, ModelInfo
+from spec_plugins.proposers.blockdraft import BlockOptions, BlockProposer, BlockState
+
+
+@dataclass(frozen=True)
+class DFlashOptions(BlockOptions):
+    drafter: str = opt("", help="DFlash drafter checkpoint directory (vLLM's dflash format); "
+                                "empty: the one spec-plugins-train-drafter built for the "
+                                "served model")
+    dtype: str = opt("auto", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="drafter weights' dtype (auto: the target's)")
+
+
+def default_drafter_dir(model_path: str) -> Path:
+    """Where ``spec-plugins-train-drafter`` puts the drafter it builds for ``model_path``."""
+    from spec_plugins.train_drafter import output_dir
+
+    return output_dir(model_path)
+
+
+class _State(BlockState):
+    def __init__(self, adl, context):
+        super().__init__(adl)
+        self.context = context      # DFlashContext: the drafter's K/V of the committed tokens
+        self.end = 0                # position after the last context token
+
+
+class DFlashProposer(BlockProposer):
+    name = "dflash"
+    needs = frozenset({"hidden_states"})
+    Options = DFlashOptions
+
+    def bind(self, model: ModelInfo) -> None:
+        from spec_plugins.models.dflash import DFlashDrafter
+
+        o = self.options
+        path = Path(o.drafter) if o.drafter else default_drafter_dir(model.model_path)
+        if not (path / "config.json").is_file():
+            how = ("" if o.drafter else
+                   f"; build one for this model with: spec-plugins-train-drafter --model "
+                   f"{model.model_path}")
+            raise OptionError(f"dflash.drafter={str(path)!r} is not a DFlash checkpoint "
+                              f"directory (no config.json){how}")
+        dtype = model.dtype if o.dtype == "auto" else getattr(torch, o.dtype)
+        try:
+            drafter = DFlashDrafter.from_pretrained(
+                path, device=model.device, dtype=dtype, embed_tokens=model.embed_tokens,
+                lm_head_weight=model.lm_head_weight)
+        except ValueError as e:
+            raise OptionError(f"dflash.drafter={str(path)!r}: {e}") from e
+        c = drafter.config
+        layers = tuple(sorted(c.target_layer_ids))
+        bad = [i for i in layers if not 0 <= i < model.num_layers]
+        if bad:
+            raise OptionError(f"dflash.drafter={str(path)!r} reads target layers {bad}, but the "
+                              f"served model has layers 0..{model.num_layers - 1}")
+        if c.fc_in_features != len(layers) * model.hidden_size:
+            raise OptionError(
+                f"dflash.drafter={str(path)!r} expects {c.fc_in_features} target features "
+                f"({len(layers)} layers), the served model gives "
+                f"{len(layers) * model.hidden_size} (hidden size {model.hidden_size})")
+        if c.vocab_size != model.vocab_size:
+            raise OptionError(f"dflash.drafter={str(path)!r} has a {c.vocab_size}-token "
+                              f"vocabulary, the served model {model.vocab_size}")
+        self._set_max_block(max(int(c.block_size) - 1, 1))
+        self.model = drafter.eval()
+        self.hidden_layers = layers
+        self.logger.info("spec_plugins: dflash drafter %s: %s; blocks of %d-%d positions, "
+                         "target layers %s", path, drafter.describe(), o.min_block,
+                         self.max_block, list(layers))
+
+    def _new_state(self, req: DraftRequest) -> _State:
+        return _State(self._adl(), self.model.new_context())
+
+    def _update(self, st: _State, req: DraftRequest, states) -> _State:
+        if states is None or not len(states.positions):
+            return st
+        if int(states.positions[0]) < st.end:
+            st = self._new_state(req)   # recomputed from an earlier position: start over
+        st.context.append(states.states, states.positions.to(st.context.k.device))
+        st.end = int(states.positions[-1]) + 1
+        return st
+
+    def _can_draft(self, st: _State) -> bool:
+        return len(st.context) > 0
+
+    def _lattice(self, reqs: Sequence[DraftRequest], states: Sequence[_State],
+                 length: int) -> torch.Tensor:
+        dev = states[0].context.k.device
+        first = torch.tensor([int(r.token_ids[-1]) for r in reqs], device=dev)
+        pos = torch.tensor([len(r.token_ids) - 1 for r in reqs], device=dev)
+        return self.model.draft_block([s.context for s in states], first, pos, length)
+
+    def _to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.draft_to_target(ids)
+
+    def _to_target_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.model.to_target_logits(logits)

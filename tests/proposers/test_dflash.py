@@ -1,0 +1,183 @@
+"""The dflash proposer: DDTrees from the drafter's lattice, sampled drafts with their
+distributions, adaptive block length, per-request context, option errors at bind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spec_plugins.models.dflash import DFlashConfig, DFlashDrafter
+from spec_plugins.options import OptionError
+from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
+from spec_plugins.proposers.dflash import DFlashProposer
+from spec_plugins.verify import verify_greedy
+
+V, H, HT, NL = 97, 32, 24, 6          # vocab, draft hidden, target hidden, target layers
+LAYERS = [1, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = DFlashConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, intermediate_size=48, vocab_size=V,
+                       target_layer_ids=LAYERS, mask_token_id=V - 1, target_hidden_size=HT,
+                       num_target_layers=NL, rope_theta=10000.0, rms_norm_eps=1e-6, block_size=7)
+    g = torch.Generator().manual_seed(0)
+    m = DFlashDrafter(cfg, embed_tokens=torch.randn(V, H, generator=g),
+                      lm_head_weight=torch.randn(V, H, generator=g))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
+                    else 0.2 * torch.randn(p.shape, generator=g))
+    d = tmp_path_factory.mktemp("dflash")
+    m.save_pretrained(d)
+    return str(d)
+
+
+def info(num_layers=NL, hidden=HT, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return ModelInfo(model_path="toy", tokenizer_path="toy", architecture="Toy",
+                     num_layers=num_layers, hidden_size=hidden, vocab_size=V, max_model_len=512,
+                     dtype=torch.float32, device=torch.device("cpu"),
+                     embed_tokens=torch.randn(V, H, generator=g),
+                     lm_head_weight=torch.randn(V, H, generator=g))
+
+
+def proposer(checkpoint, **opts):
+    p = DFlashProposer({"drafter": checkpoint, **opts})
+    p.bind(info())
+    return p
+
+
+def states(positions, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.as_tensor(positions, dtype=torch.long)
+    return CommittedStates(pos, torch.randn(len(pos), len(LAYERS) * HT, generator=g))
+
+
+def request(rid="r", n=6, max_draft=8, **kw):
+    toks = np.arange(3, 3 + n) % V
+    return DraftRequest(rid, toks, 3, [int(toks[-1])], max_draft, **kw)
+
+
+def test_bind_reads_the_drafter_and_its_layers(checkpoint):
+    p = proposer(checkpoint)
+    assert p.hidden_layers == tuple(LAYERS)
+    assert p.max_block == 6          # block_size 7 = the last token + 6 drafts
+
+
+@pytest.mark.parametrize("opts,model,msg", [
+    ({"drafter": "/nonexistent"}, info(), "dflash.drafter='/nonexistent' is not a DFlash"),
+    ({}, info(num_layers=4), r"reads target layers \[4\]"),
+    ({}, info(hidden=16), "expects 72 target features"),
+    ({"min_block": 9}, info(), "dflash.min_block=9 exceeds"),
+])
+def test_model_dependent_mistakes_fail_at_bind(checkpoint, opts, model, msg):
+    p = DFlashProposer({"drafter": checkpoint, **opts})
+    with pytest.raises(OptionError, match=msg):
+        p.bind(model)
+
+
+def test_option_errors_name_the_field():
+    with pytest.raises(OptionError, match="dflash.min_block=5 must not exceed dflash.max_block=3"):
+        DFlashProposer({"min_block": 5, "max_block": 3})
+    with pytest.raises(OptionError, match="allowed values: 'auto', 'float32'"):
+        DFlashProposer({"dtype": "int8"})
+
+
+def test_chain_is_the_argmax_of_the_block(checkpoint):
+    p = proposer(checkpoint, tree=False, adaptive=False, calibrate=False)
+    req = request()
+    (tree,) = p.propose([req], StepContext(hidden_states=[states(range(5))]))
+    assert tree.is_chain and len(tree) == 6
+    ctx = p.model.new_context()
+    ctx.append(states(range(5)).states, torch.arange(5))
+    logits = p.model.draft_block([ctx], torch.tensor([int(req.token_ids[-1])]),
+                                 torch.tensor([5]), 6, target_vocab=True)
+    assert tree.tokens == logits[0].argmax(-1).tolist()
+
+
+def test_ddtree_branches_in_decreasing_path_probability(checkpoint):
+    p = proposer(checkpoint, topk=3, adaptive=False, calibrate=False)
+    (tree,) = p.propose([request(max_draft=10)], StepContext(hidden_states=[states(range(5))]))
+    tree.validate(V)
+    assert len(tree) == 10 and not tree.is_chain
+    pp = tree.path_probs()
+    assert pp == sorted(pp, reverse=True)
+    # A request that needs a chain (penalties, logprobs) gets one.
+    p2 = proposer(checkpoint, topk=3, adaptive=False)
+    (chain,) = p2.propose([request(max_draft=10, tree_ok=False)],
+                          StepContext(hidden_states=[states(range(5))]))
+    assert chain.is_chain
+
+
+def test_context_delivered_in_pieces_drafts_like_at_once(checkpoint):
+    whole = proposer(checkpoint, tree=False, adaptive=False)
+    parts = proposer(checkpoint, tree=False, adaptive=False)
+    s = states(range(9))
+    (a,) = whole.propose([request(n=10)], StepContext(hidden_states=[s]))
+    first = CommittedStates(s.positions[:4], s.states[:4])
+    rest = CommittedStates(s.positions[4:], s.states[4:])
+    parts.propose([request(n=5)], StepContext(hidden_states=[first]))
+    (b,) = parts.propose([request(n=10)], StepContext(hidden_states=[rest]))
+    assert a.tokens == b.tokens
+    # Recomputed from position 0 (preempted, resumed): the context starts over.
+    (c,) = parts.propose([request(n=10)], StepContext(hidden_states=[s]))
+    assert c.tokens == a.tokens
+
+
+def test_sampled_requests_get_drawn_drafts_with_their_distributions(checkpoint):
+    p = proposer(checkpoint, tree=False, adaptive=False)
+    reqs = [request("a", temperature=0.7, seed=11), request("b", temperature=0.7, seed=11)]
+    ta, tb = p.propose(reqs, StepContext(hidden_states=[states(range(5)), states(range(5))]))
+    assert ta.draft_dists is not None and ta.draft_dists.shape == (6, V)
+    assert np.allclose(ta.draft_dists.sum(-1), 1.0, atol=1e-5)
+    assert ta.dist_rows == list(range(6))
+    assert ta.tokens == tb.tokens          # same seed, same inputs: same draws
+    other = proposer(checkpoint, tree=False, adaptive=False)
+    (tc,) = other.propose([request("c", temperature=0.7, seed=12)],
+                          StepContext(hidden_states=[states(range(5))]))
+    (td,) = other.propose([request("d", temperature=0.7, seed=13)],
+                          StepContext(hidden_states=[states(range(5))]))
+    assert [tc.tokens, td.tokens] != [ta.tokens, ta.tokens]
+
+
+def test_block_length_adapts_to_acceptance(checkpoint):
+    p = proposer(checkpoint, tree=False, min_block=1)
+    req = request(n=6)
+    (t,) = p.propose([req], StepContext(hidden_states=[states(range(5))]))
+    assert len(t) == 6
+    pos = 5
+    for _ in range(8):  # nothing accepted, step after step
+        nxt = DraftRequest("r", np.arange(pos + 2) % V, 3, [1], 8, num_accepted=0)
+        (t,) = p.propose([nxt], StepContext(hidden_states=[states([pos], seed=pos)]))
+        pos += 1
+    assert len(t) <= 2
+
+
+def test_greedy_speculation_with_dflash_equals_greedy_decoding(checkpoint):
+    """A toy target (fixed random next-token table) verified greedily: the proposer's
+    trees only change how many tokens a step commits, never which."""
+    g = np.random.default_rng(0)
+    table = g.integers(0, V, size=V)
+    feats = torch.randn(V, len(LAYERS) * HT, generator=torch.Generator().manual_seed(5))
+    seq, plain = [3, 4, 5], [3, 4, 5]
+    while len(plain) < 40:
+        plain.append(int(table[plain[-1]]))
+    p = proposer(checkpoint, topk=2)
+    states_from, accepted = 0, None
+    while len(seq) < 40:
+        new = torch.arange(states_from, len(seq) - 1)
+        s = CommittedStates(new, feats[torch.tensor(seq[:-1], dtype=torch.long)[new]])
+        req = DraftRequest("r", np.array(seq), 3, [seq[-1]], 8, num_accepted=accepted)
+        (tree,) = p.propose([req], StepContext(hidden_states=[s]))
+        states_from = len(seq) - 1
+        ctx_tokens = [seq[-1]] + tree.tokens
+        logits = np.full((len(tree) + 1, V), -1.0)
+        for row, tok in enumerate([seq[-1]] + tree.tokens):
+            logits[row, table[tok]] = 1.0
+        v = verify_greedy(tree, logits)
+        seq += v.emitted
+        accepted = v.num_accepted
+    assert seq[:40] == plain
