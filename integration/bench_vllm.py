@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from prompts import CATEGORIES, prompts  # noqa: E402
-from vllm_server import mean_acceptance_length, spec_metrics, vllm_server  # noqa: E402
+from vllm_server import (accepted_per_position, mean_acceptance_length, spec_metrics,  # noqa: E402
+                         vllm_server)
 
 CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     "vanilla": (None, None),
@@ -49,6 +50,14 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     # (reported from the server log) and how much to draft.
     "swift": ({"model": "spec_plugins.vllm.swift", "num_speculative_tokens": 4}, None),
     "del": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4}, None),
+    # Block drafting (DFlash drafter trained by spec-plugins-train-drafter; --drafter
+    # picks another): chains, DDTrees, and vLLM's own dflash over the same checkpoint.
+    "dflash-chain": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 7},
+                     {"spec_plugins": {"tree": False, "drafter": "{drafter}"}}),
+    "dflash-tree": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 12},
+                    {"spec_plugins": {"tree": True, "drafter": "{drafter}"}}),
+    "vllm-dflash": ({"method": "dflash", "model": "{drafter}", "num_speculative_tokens": 7},
+                    None),
     # Not a method to deploy: DEL probing every exit layer on every step measures the
     # acceptance of drafts from each depth (the log's "acceptance per exit layer").
     "del-probe-all": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
@@ -67,10 +76,17 @@ def one(client, messages, max_tokens):
     return list(r.choices[0].token_ids)
 
 
-def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
+def with_drafter(config: dict | None, drafter: str) -> dict | None:
+    """``config`` with the ``"{drafter}"`` placeholder replaced by the drafter's path."""
+    if config is None:
+        return None
+    return json.loads(json.dumps(config).replace('"{drafter}"', json.dumps(drafter)))
+
+
+def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter):
     import openai
 
-    spec, extra = CONFIGS[name]
+    spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
     results = {}
     log = str(Path(log_dir or tempfile.mkdtemp(prefix="bench-")) / f"{name}.log")
     with vllm_server(model, spec, extra, log_path=log) as url:
@@ -97,6 +113,10 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
                 }
                 print(f"  {name:15s} {cat:10s} c={conc}: {results[(cat, conc)]['tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
+        if spec:
+            # Over the whole run: the share of drafts accepted up to each position.
+            drafts = spec_metrics(url).get("num_drafts", 0) or 1
+            results["per_position"] = [a / drafts for a in accepted_per_position(url)]
     with open(log, errors="replace") as f:
         choices = CHOICE_LOGS.findall(f.read())
     return results, choices
@@ -112,11 +132,17 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--log-dir", default=None, help="keep each server's log here")
+    ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
+                    "(default: the one spec-plugins-train-drafter built for the model)")
     a = ap.parse_args()
     if a.model is None:
         from spec_plugins.default_model import build
 
         a.model = str(build())
+    if a.drafter is None:
+        from spec_plugins.proposers.dflash import default_drafter_dir
+
+        a.drafter = str(default_drafter_dir(a.model))
     if "vanilla" not in a.configs:
         a.configs.insert(0, "vanilla")
     if a.log_dir:
@@ -124,7 +150,7 @@ def main():
     res, choices = {}, {}
     for c in a.configs:
         res[c], choices[c] = run_config(c, a.model, a.categories, a.n, a.max_tokens,
-                                        a.concurrency, a.log_dir)
+                                        a.concurrency, a.log_dir, a.drafter)
 
     print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
           f"max_tokens {a.max_tokens}\n")
@@ -132,7 +158,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     rows = []
     for c in a.configs:
-        for (cat, conc), r in res[c].items():
+        for (cat, conc), r in ((k, v) for k, v in res[c].items() if k != "per_position"):
             base = res["vanilla"][(cat, conc)]
             same = sum(x == y for x, y in zip(r["outputs"], base["outputs"]))
             row = dict(config=c, category=cat, concurrency=conc, tok_s=r["tok_s"],
@@ -154,6 +180,10 @@ def main():
             same = sum(x == y for r, b in zip(rs, bs) for x, y in zip(r["outputs"], b["outputs"]))
             total = sum(len(b["outputs"]) for b in bs)
             print(f"| {c} | {conc} | {tps:.1f} | {tps / btps:.2f}x | {100 * same / total:.0f}% |")
+    for c in a.configs:
+        if res[c].get("per_position"):
+            print(f"\n{c}: drafts accepted through draft position 1..k (whole run): " +
+                  " ".join(f"{p:.2f}" for p in res[c]["per_position"]))
     for c in a.configs:
         if choices[c]:
             # First and last: the choice early in the run and where it ended.

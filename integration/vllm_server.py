@@ -148,3 +148,16 @@ def spec_metrics(url: str) -> dict[str, float]:
 def mean_acceptance_length(m: dict[str, float]) -> float:
     drafts = m.get("num_drafts", 0.0)
     return 1.0 + m.get("num_accepted_tokens", 0.0) / drafts if drafts else 1.0
+
+
+def accepted_per_position(url: str) -> list[float]:
+    """``vllm:spec_decode_num_accepted_tokens_per_pos`` by draft position (0-based)."""
+    import re
+
+    out: dict[int, float] = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total{"):
+                pos = int(re.search(r'position="(\d+)"', line).group(1))
+                out[pos] = out.get(pos, 0.0) + float(line.rsplit(" ", 1)[1])
+    return [out.get(i, 0.0) for i in range(max(out) + 1)] if out else []

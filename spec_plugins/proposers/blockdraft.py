@@ -53,6 +53,9 @@ class BlockOptions(MethodOptions):
                                      "for nodes of the same depth and probability")
     sample: bool = opt(True, help="sampled requests get drafts drawn from the draft "
                                   "distributions (False: argmax drafts)")
+    budget: bool = opt(True, help="cut drafts to the nodes the verify-cost model says pay "
+                                  "for themselves (False: always draft the whole block; "
+                                  "for measuring acceptance)")
 
     def validate(self, where: str) -> None:
         if self.max_block and self.min_block > self.max_block:
@@ -161,7 +164,7 @@ class BlockProposer(Proposer):
             else:
                 trees[i], st.buckets = self._greedy(req, lg)
                 st.greedy = True
-        trees = fit_batch(trees, ctx.cost, ctx.batch_tokens, fixed=fixed)
+        trees = fit_batch(trees, ctx.cost if o.budget else None, ctx.batch_tokens, fixed=fixed)
         for i, st in enumerate(sts):
             st.last = trees[i] if len(trees[i]) else None
             if st.buckets is not None:

@@ -265,8 +265,8 @@ class VllmDrafter:
         for i, sampled in enumerate(sampled_token_ids):
             req_id = batch.req_ids[i]
             n = int(scheduler_output.num_scheduled_tokens.get(req_id, 0))
-            if n == 0:
-                continue
+            if n == 0 or self._classify(runner, req_id)[0]:
+                continue  # nothing computed, or never drafted for (min_p, logit_bias)
             if not spec.get(req_id):
                 local = range(n)
             elif i in accepted_paths:

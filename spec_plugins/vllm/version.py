@@ -7,7 +7,7 @@ import logging
 # A child of vLLM's own logger, so lines use the engine's format and level.
 logger = logging.getLogger("vllm.spec_plugins")
 
-# (major, minor) -> platforms on which the patches in ``patches.py`` were checked.
+# (major, minor) -> platforms on which the hooks in ``hooks.py`` were checked.
 SUPPORTED = {(0, 32): ("cpu",)}
 
 

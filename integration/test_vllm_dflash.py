@@ -1,0 +1,116 @@
+"""The dflash method end to end: a real `vllm serve` whose drafter reads the target's
+hidden states (vLLM's auxiliary hidden-state outputs) and drafts blocks, as chains and as
+DDTrees. Greedy outputs must equal the vanilla server's at batch 1 and 8 concurrent, also
+with requests aborted mid-generation and with preemption (a KV cache too small for the
+batch). The drafter is trained here, small (``spec-plugins-train-drafter`` on the default
+model with CI-sized settings): its drafts are poor, which is fine: every path (accepted
+drafts, rejected ones, trees) must keep the outputs exact.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from client import CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, complete, run_all
+from vllm_server import counter, engine_env, log_file, run_to_exit, spec_metrics, vllm_server
+
+pytestmark = pytest.mark.e2e
+openai = pytest.importorskip("openai")
+
+DFLASH = {"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 6}
+# CI-sized training: small data, one draft layer, a few dozen steps (about two minutes).
+CI_TRAINING = ["--tiny", "--gen-backend", "vllm", "--num-prompts", "24", "--max-new-tokens",
+               "64", "--max-len", "192", "--vocab", "4096", "--draft-layers", "1",
+               "--block-size", "7", "--steps", "60", "--batch", "4", "--anchors", "8",
+               "--init-from-target"]
+
+
+@pytest.fixture(scope="module")
+def drafter(default_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dflash-drafter")
+    p = subprocess.run([sys.executable, "-m", "spec_plugins.train_drafter", "--model",
+                        default_model, "--out", str(out), *CI_TRAINING],
+                       capture_output=True, text=True, timeout=1200, env=engine_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert (out / "config.json").is_file()
+    return str(out)
+
+
+# Trees with the defaults; chains drafting whole blocks every step (the CI drafter's drafts
+# seldom pay for their verify time, and the default budget would hardly draft them).
+SHAPES = {"trees": {"tree": True},
+          "chains": {"tree": False, "budget": False, "adaptive": False, "max_block": 4}}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def dflash_server(request, default_model, drafter):
+    log = log_file(f"dflash-{request.param}")
+    options = {"drafter": drafter, **SHAPES[request.param]}
+    with vllm_server(default_model, DFLASH, {"spec_plugins": options}, log_path=log) as url:
+        yield request.param, url, log
+
+
+def test_greedy_outputs_equal_vanilla(vanilla, dflash_server):
+    shape, url, log = dflash_server
+    batch1, batch8 = run_all(url)
+    assert_outputs_equal(vanilla[0], batch1, f"dflash {shape}, batch 1")
+    assert_outputs_equal(vanilla[1], batch8, f"dflash {shape}, 8 concurrent")
+    m = spec_metrics(url)
+    assert m.get("num_drafts", 0) > 0 and m.get("num_accepted_tokens", 0) > 0, m
+    text = open(log, errors="replace").read()
+    assert "spec_plugins: dflash drafter" in text and "params" in text
+    if shape == "trees":
+        assert "draft trees verified" in text
+
+
+def test_aborts_leave_the_others_and_the_cache_intact(vanilla, dflash_server):
+    _, url, _ = dflash_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
+
+    def abandoned(messages):
+        stream = client.chat.completions.create(model="default", messages=messages,
+                                                max_tokens=MAX_TOKENS, temperature=0,
+                                                stream=True)
+        for k, _ in enumerate(stream):
+            if k == 6:
+                break
+        stream.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        aborted = [pool.submit(abandoned, m) for m in CONVERSATIONS[:4]]
+        kept = [pool.submit(complete, url, m, temperature=0) for m in CONVERSATIONS[4:]]
+        for f in aborted:
+            f.result()
+        for i, f in enumerate(kept):
+            assert f.result() == vanilla[1][4 + i], f"prompt {4 + i} changed by aborts"
+    # Re-sent after the aborts: prefix-cached prompts (no hidden states for the cached part).
+    for i in range(4):
+        assert complete(url, CONVERSATIONS[i], temperature=0) == vanilla[0][i]
+
+
+def test_seeded_sampling_is_reproducible(dflash_server):
+    _, url, _ = dflash_server
+    runs = [complete(url, CONVERSATIONS[6], temperature=0.8, seed=3) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_preempted_requests_equal_vanilla(vanilla, default_model, drafter):
+    extra = ["--kv-cache-memory-bytes", "32M", "--max-model-len", "512"]
+    with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": drafter}},
+                     extra=extra) as url:
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))
+        preempted = counter(url, "vllm:num_preemptions_total")
+    assert preempted > 0, "the cache was large enough: nothing was preempted"
+    assert_outputs_equal(vanilla[1], outs, "dflash after preemption")
+
+
+def test_a_missing_drafter_stops_the_server_at_start_up(default_model, tmp_path):
+    code, log = run_to_exit(default_model, DFLASH,
+                            {"spec_plugins": {"drafter": str(tmp_path)}}, timeout=600)
+    assert code != 0
+    assert f"dflash.drafter='{tmp_path}' is not a DFlash checkpoint directory" in log
