@@ -39,9 +39,11 @@ Design choices (defaults for SmolLM2-135M: 30 layers, hidden 576, vocab 49152, t
 * target layers: 5 spread over depth, from layer 1 to ``L - 3`` ([1, 8, 14, 20, 27] for 30
   layers), as DFlash's published drafters do (e.g. [1, 9, 17, 25, 33] for 36 layers); never
   the last layer (transformers returns it after the final norm, vLLM before).
-* block: 8 query slots = 7 drafts (``--block-size``); CPUs verify few tokens per step cheaply
-  (each extra query token costs ~5 ms on SmolLM2 fp32), so serving uses k = 3-7; the loss
-  decay ``--gamma 4`` focuses on the first slots.
+* block: up to 8 query slots = 7 drafts (``--block-size``); CPUs verify few tokens per step
+  cheaply (each extra query token costs ~5 ms on SmolLM2 fp32), so serving uses k = 2-7. The
+  block slots all attend to each other, so a drafter trained only at one length drafts
+  differently at another: each step draws its length from ``--min-block``..``--block-size``
+  (DFlash trains one fixed size). The loss decay ``--gamma 4`` focuses on the first slots.
 * VocabTrim: the draft LM head keeps the ``--vocab`` (8192) most frequent tokens of the
   generated text (initialised from the target's LM head rows, ``d2t`` maps them back): the
   full 49152 x 576 head would cost about a fifth of a target step per draft pass.
@@ -87,6 +89,7 @@ class Settings:
     target_layers: list[int] = field(default_factory=list)  # [] = spread over depth
     draft_layers: int = 2
     block_size: int = 8  # query slots (1 + drafts)
+    min_block: int = 3  # each step trains one block length drawn from min_block..block_size
     vocab: int = 8192  # trimmed draft vocabulary (0: full)
     tie_k_norm: bool = True
     init_from_target: bool = True
@@ -106,7 +109,7 @@ class Settings:
     @classmethod
     def tiny(cls, **kw) -> "Settings":
         base = dict(num_prompts=12, max_new_tokens=24, max_len=96, gen_backend="transformers",
-                    draft_layers=1, block_size=4, vocab=64, steps=8, batch=2, anchors=4,
+                    draft_layers=1, block_size=4, min_block=4, vocab=64, steps=8, batch=2, anchors=4,
                     lr=3e-3, warmup=2, save_every=4, heldout=0.2, eval_anchors=8,
                     init_from_target=False)
         base.update(kw)
@@ -701,10 +704,14 @@ def run(s: Settings) -> dict:
     while step < s.steps:
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
         idx = [train[int(j)] for j in torch.randint(0, len(train), (s.batch,), generator=gen)]
-        states, first, anchors, labels = _batch(feats, idx, s, gen, t2d, k)
+        # The block length of this step: serving picks k per step (often below the trained
+        # size on CPUs), and every slot attends to every other, so train the lengths it meets.
+        kk = int(torch.randint(max(s.min_block, 2) - 1, k + 1, (1,), generator=gen)) \
+            if s.min_block < s.block_size else k
+        states, first, anchors, labels = _batch(feats, idx, s, gen, t2d, kk)
         for g in opt.param_groups:
             g["lr"] = _lr(s, step)
-        logits = drafter.forward_train(states, first, anchors, k)
+        logits = drafter.forward_train(states, first, anchors, kk)
         loss = _loss(logits, labels, s.gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -728,6 +735,8 @@ def run(s: Settings) -> dict:
     # 5: held-out accuracy
     t0 = time.time()
     ev = evaluate(drafter, feats, held, s, k) if held else {}
+    if held and s.min_block < s.block_size:
+        ev["short_block"] = evaluate(drafter, feats, held, s, max(s.min_block, 2) - 1)
     cost["eval_s"] = time.time() - t0
     cost["wall_s"] = time.time() - t_start
     report = {"out": str(out), "settings": asdict(s), "cost": cost, "eval": ev,
@@ -758,6 +767,11 @@ def _print_cost(r: dict) -> None:
                      " ".join(f"{j + 1}:{a:.2f}" for j, a in enumerate(ev["per_position_accuracy"])) +
                      f"; mean accepted {ev['mean_accepted']:.2f} (+1 bonus = "
                      f"{ev['tokens_per_step']:.2f} tokens per greedy step)")
+        if "short_block" in ev:
+            sb = ev["short_block"]
+            lines.append(f"with k = {len(sb['per_position_accuracy'])}: " + " ".join(
+                f"{j + 1}:{a:.2f}" for j, a in enumerate(sb["per_position_accuracy"])) +
+                f"; {sb['tokens_per_step']:.2f} tokens per greedy step")
     for line in lines:
         _log(line)
 
@@ -769,7 +783,8 @@ def _parse(argv) -> Settings:
     ap.add_argument("--out", default="", help="output directory (default: under the cache)")
     ap.add_argument("--corpus-file", default="", help="a text file instead of the local corpus")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the test suite's)")
-    for f in ("num_prompts", "max_new_tokens", "max_len", "draft_layers", "block_size", "vocab",
+    for f in ("num_prompts", "max_new_tokens", "max_len", "draft_layers", "block_size", "min_block",
+              "vocab",
               "steps", "batch", "anchors", "warmup", "save_every", "seed", "threads", "eval_anchors"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lr", "weight_decay", "gamma", "heldout"):
