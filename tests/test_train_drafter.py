@@ -127,3 +127,22 @@ def test_prompts_from_local_corpus_are_deterministic():
     a = td.build_prompts("local", 20, seed=3)
     assert a == td.build_prompts("local", 20, seed=3) and len(set(a)) > 10
     assert any("def " in p or "Python" in p for p in a)
+
+
+def test_truncated_forward_gives_the_full_models_hidden_states(tiny_target):
+    """Features skip the LM head and the top layers; the layers read are unchanged."""
+    from transformers import AutoModelForCausalLM
+    model, _ = tiny_target
+    m = AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = torch.randint(0, m.config.vocab_size, (2, 9))
+    att = torch.ones_like(ids)
+    att[1, 6:] = 0
+    with torch.no_grad():
+        full = m(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+        for deepest in (0, 1, 2):
+            part = td._hidden_states(m, ids, att, deepest)
+            for i in range(deepest + 1):
+                torch.testing.assert_close(part[i + 1], full[i + 1])
+    assert len(m.model.layers) == 4  # restored
+    with pytest.raises(ValueError):
+        td._hidden_states(m, ids, att, 3)
