@@ -3,6 +3,10 @@
     spec-plugins-train-drafter                       # the embedded SmolLM2-135M-Instruct
     spec-plugins-train-drafter --model DIR --steps 4000 --threads 1
     spec-plugins-train-drafter --tiny --model DIR --corpus-file text.txt   # the test suite's size
+    spec-plugins-train-drafter --steps 30000 --out DIR --eval-only         # held-out accuracy now
+
+Re-running the same command continues from ``DIR/train_state.pt`` (a larger ``--steps``
+continues past the end, stretching the learning-rate schedule).
 
 Pipeline (each stage cached on disk under ``spec_plugins.default_model.cache_root()``, keyed
 by the model, the corpus and the settings that shape it, so a re-run reuses it):
@@ -107,6 +111,7 @@ class Settings:
     seed: int = 0
     threads: int = 0  # 0: torch default
     eval_anchors: int = 64  # per held-out sequence (at most)
+    eval_only: bool = False  # evaluate the last checkpoint in --out, train nothing
 
     @classmethod
     def tiny(cls, **kw) -> "Settings":
@@ -731,7 +736,7 @@ def run(s: Settings) -> dict:
     t0 = time.time()
     pbar = _progress(s.steps, "train")
     pbar.update(step)
-    while step < s.steps:
+    while step < s.steps and not s.eval_only:
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
         idx = [train[int(j)] for j in torch.randint(0, len(train), (s.batch,), generator=gen)]
         # The block length of this step: serving picks k per step (often below the trained
@@ -760,7 +765,8 @@ def run(s: Settings) -> dict:
     pbar.close()
     cost["train_s"] = time.time() - t0
     cost["positions_trained"] = trained_positions
-    drafter.save_pretrained(out)
+    if not s.eval_only:
+        drafter.save_pretrained(out)
 
     # 5: held-out accuracy
     t0 = time.time()
@@ -772,14 +778,16 @@ def run(s: Settings) -> dict:
     report = {"out": str(out), "settings": asdict(s), "cost": cost, "eval": ev,
               "loss_first": history[:5], "loss_last": history[-5:], "vocab_coverage": cover,
               "mask_token_id": mask_id, "generation_cache": str(gdir), "feature_cache": str(fdir)}
-    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    report["step"] = step
+    name = f"eval_report_step{step}.json" if s.eval_only else "train_report.json"
+    (out / name).write_text(json.dumps(report, indent=2))
     _print_cost(report)
     return report
 
 
 def _settings_key(s: Settings) -> str:
     keep = asdict(s)
-    for f in ("steps", "save_every", "threads", "out", "eval_anchors"):
+    for f in ("steps", "save_every", "threads", "out", "eval_anchors", "eval_only"):
         keep.pop(f)
     return _hash(keep)
 
@@ -823,6 +831,8 @@ def _parse(argv) -> Settings:
     ap.add_argument("--target-layers", default=None, help="comma-separated target layer ids")
     ap.add_argument("--tie-k-norm", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--init-from-target", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--eval-only", action="store_true", default=None,
+                    help="evaluate the last checkpoint in --out on the held-out data; no training")
     a = ap.parse_args(argv)
     given = {f: getattr(a, f) for f in vars(a) if getattr(a, f) is not None
              and f not in ("tiny", "corpus_file", "target_layers")}

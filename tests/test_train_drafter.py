@@ -100,6 +100,13 @@ def test_tiny_training_end_to_end(tiny_target, tmp_path, monkeypatch):
     assert r2["cost"]["generate_s"] == 0.0 and r2["cost"]["features_s"] == 0.0
     assert len(torch.load(out / "train_state.pt", weights_only=False)["history"]) == 16
 
+    # --eval-only evaluates the checkpoint without training or rewriting it.
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    r5 = _run(model, corpus, out, steps=16, eval_only=True)
+    assert r5["cost"]["positions_trained"] == 0 and r5["step"] == 16
+    assert r5["eval"] == r2["eval"] and (out / "eval_report_step16.json").exists()
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
     # The same seed gives identical weights (fresh output directory, cached data).
     r3 = _run(model, corpus, tmp_path / "again", steps=12)
     assert r3["cost"]["generate_s"] == 0.0
