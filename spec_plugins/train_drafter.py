@@ -3,6 +3,10 @@
     spec-plugins-train-drafter                       # the embedded SmolLM2-135M-Instruct
     spec-plugins-train-drafter --model DIR --steps 4000 --threads 1
     spec-plugins-train-drafter --tiny --model DIR --corpus-file text.txt   # the test suite's size
+    spec-plugins-train-drafter --steps 30000 --out DIR --eval-only         # held-out accuracy now
+
+Re-running the same command continues from ``DIR/train_state.pt`` (a larger ``--steps``
+continues past the end, stretching the learning-rate schedule).
 
 Pipeline (each stage cached on disk under ``spec_plugins.default_model.cache_root()``, keyed
 by the model, the corpus and the settings that shape it, so a re-run reuses it):
@@ -17,8 +21,10 @@ by the model, the corpus and the settings that shape it, so a re-run reuses it):
    transformers for tiny models): the drafter learns the distribution it will be asked to
    predict at serving time.
 3. features: one transformers forward per sequence with ``output_hidden_states``: the target's
-   residual stream after each chosen layer (bf16 on disk) and its argmax at every position
-   (the labels: at block slot j the target's prediction for that position).
+   residual stream after each chosen layer (bf16 on disk). The labels are the target's argmax
+   at every position, which for its own greedy continuations is the next token, so the
+   forward skips the LM head (a fifth of SmolLM2's compute) and the layers above the deepest
+   one read.
 4. training: AdamW in fp32; a batch is B sequences x A random anchors (DFlash's recipe:
    many blocks per sequence in one pass with one attention mask, each block seeing the
    context before its anchor); cross-entropy to the target's argmax, weighted
@@ -39,9 +45,11 @@ Design choices (defaults for SmolLM2-135M: 30 layers, hidden 576, vocab 49152, t
 * target layers: 5 spread over depth, from layer 1 to ``L - 3`` ([1, 8, 14, 20, 27] for 30
   layers), as DFlash's published drafters do (e.g. [1, 9, 17, 25, 33] for 36 layers); never
   the last layer (transformers returns it after the final norm, vLLM before).
-* block: 8 query slots = 7 drafts (``--block-size``); CPUs verify few tokens per step cheaply
-  (each extra query token costs ~5 ms on SmolLM2 fp32), so serving uses k = 3-7; the loss
-  decay ``--gamma 4`` focuses on the first slots.
+* block: up to 8 query slots = 7 drafts (``--block-size``); CPUs verify few tokens per step
+  cheaply (each extra query token costs ~5 ms on SmolLM2 fp32), so serving uses k = 2-7. The
+  block slots all attend to each other, so a drafter trained only at one length drafts
+  differently at another: each step draws its length from ``--min-block``..``--block-size``
+  (DFlash trains one fixed size). The loss decay ``--gamma 4`` focuses on the first slots.
 * VocabTrim: the draft LM head keeps the ``--vocab`` (8192) most frequent tokens of the
   generated text (initialised from the target's LM head rows, ``d2t`` maps them back): the
   full 49152 x 576 head would cost about a fifth of a target step per draft pass.
@@ -87,6 +95,7 @@ class Settings:
     target_layers: list[int] = field(default_factory=list)  # [] = spread over depth
     draft_layers: int = 2
     block_size: int = 8  # query slots (1 + drafts)
+    min_block: int = 3  # each step trains one block length drawn from min_block..block_size
     vocab: int = 8192  # trimmed draft vocabulary (0: full)
     tie_k_norm: bool = True
     init_from_target: bool = True
@@ -102,11 +111,12 @@ class Settings:
     seed: int = 0
     threads: int = 0  # 0: torch default
     eval_anchors: int = 64  # per held-out sequence (at most)
+    eval_only: bool = False  # evaluate the last checkpoint in --out, train nothing
 
     @classmethod
     def tiny(cls, **kw) -> "Settings":
         base = dict(num_prompts=12, max_new_tokens=24, max_len=96, gen_backend="transformers",
-                    draft_layers=1, block_size=4, vocab=64, steps=8, batch=2, anchors=4,
+                    draft_layers=1, block_size=4, min_block=4, vocab=64, steps=8, batch=2, anchors=4,
                     lr=3e-3, warmup=2, save_every=4, heldout=0.2, eval_anchors=8,
                     init_from_target=False)
         base.update(kw)
@@ -279,6 +289,9 @@ def _generate_vllm(model: str, prompt_ids: list[list[int]], max_new: int, seed: 
         if iomp.exists() and "libiomp5" not in env.get("LD_PRELOAD", ""):
             env["LD_PRELOAD"] = (str(iomp) + " " + env.get("LD_PRELOAD", "")).strip()
         env.setdefault("HF_HUB_OFFLINE", "1")
+        # Engine core in the same process as the worker: no second process busy-waiting on
+        # the other core of a small machine.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         r = subprocess.run([sys.executable, "-m", "spec_plugins.train_drafter", "_vllm_generate",
                             str(inp), str(out)], env=env)
         if r.returncode != 0:
@@ -292,7 +305,8 @@ def _vllm_generate_main(inp: str, out: str) -> None:
     job = json.loads(Path(inp).read_text())
     longest = max(len(p) for p in job["prompts"]) + job["max_new"]
     llm = LLM(model=job["model"], dtype="float32", max_model_len=max(longest, 512),
-              kv_cache_memory_bytes=2 << 30, seed=job["seed"], enable_prefix_caching=False)
+              kv_cache_memory_bytes=2 << 30, seed=job["seed"], enable_prefix_caching=False,
+              distributed_executor_backend="uni")
     sp = SamplingParams(max_tokens=job["max_new"], temperature=0.0, detokenize=False)
     res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp)
     Path(out).write_text(json.dumps([list(r.outputs[0].token_ids) for r in res]))
@@ -342,6 +356,23 @@ class Features:
                 st.float(), int(self.prompt_lens[i]))
 
 
+def _hidden_states(model_obj, ids, att, deepest: int):
+    """The residual stream after each layer 0..deepest (``[i + 1]`` = output of layer i),
+    running only layers 0..deepest + 1 (transformers normalises the LAST hidden state it
+    returns, so the stack keeps one layer above the deepest one read) and no LM head."""
+    body = model_obj.get_decoder() if hasattr(model_obj, "get_decoder") else model_obj.model
+    full = body.layers
+    if deepest >= len(full) - 1:
+        raise ValueError("the deepest target layer must be below the last one")
+    keep = min(deepest + 2, len(full))
+    body.layers = full[:keep]
+    try:
+        o = body(input_ids=ids, attention_mask=att, output_hidden_states=True)
+    finally:
+        body.layers = full
+    return o.hidden_states
+
+
 def _extract_features(model_obj, seqs: list[list[int]], prompt_lens: list[int], layers: list[int],
                       out: Path, batch_tokens: int = 2048) -> dict:
     import torch
@@ -370,13 +401,18 @@ def _extract_features(model_obj, seqs: list[list[int]], prompt_lens: list[int], 
             ids[r, :lens[g]] = torch.tensor(seqs[g])
             att[r, :lens[g]] = 1
         with torch.no_grad():
-            o = model_obj(input_ids=ids, attention_mask=att, output_hidden_states=True)
-        hs = torch.cat([o.hidden_states[l + 1] for l in layers], dim=-1)  # output of layer l
-        am = o.logits.argmax(-1)
+            hidden = _hidden_states(model_obj, ids, att, max(layers))
+        hs = torch.cat([hidden[l + 1] for l in layers], dim=-1)  # output of layer l
         for r, g in enumerate(group):
             a, L = int(offsets[g]), lens[g]
             tokens[a:a + L] = np.asarray(seqs[g], dtype=np.int32)
-            preds[a:a + L] = am[r, :L].numpy().astype(np.int32)
+            # Labels: the target's argmax at every position. The sequences are the target's
+            # own greedy continuations, so past the prompt the argmax at i is token i + 1
+            # (checked: 100% agreement between vLLM's fp32 generation and transformers'
+            # forward on SmolLM2); the forward skips the LM head and the layers above the
+            # deepest one read. The last position's prediction is unknown (-1, ignored).
+            preds[a:a + L - 1] = np.asarray(seqs[g][1:], dtype=np.int32)
+            preds[a + L - 1] = -1
             states[a:a + L] = hs[r, :L].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
             pbar.update(L)
     pbar.close()
@@ -500,7 +536,8 @@ def _batch(feats: Features, idx: list[int], s: Settings, gen, t2d, k: int):
         for j in range(1, k + 1):  # slot j predicts position p + j = target argmax at p + j - 1
             src = anc + j - 1
             ok = src <= L - 1
-            lab = t2d[pred[src.clamp(max=L - 1)]]
+            p_ = pred[src.clamp(max=L - 1)]
+            lab = torch.where(p_ >= 0, t2d[p_.clamp(min=0)], torch.full_like(p_, -1))
             labels[b, :, j - 1] = torch.where(ok & (lab >= 0), lab, torch.full_like(lab, -100))
     first = tokens.gather(1, anchors)
     return states, first, anchors, labels
@@ -538,8 +575,8 @@ def evaluate(d, feats: Features, idx: list[int], s: Settings, k: int, seed: int 
             logits = d.forward_train(st[None], tok[anc][None], anc[None], k)[0]  # [A, k, Vd]
             draft = d.draft_to_target(logits.argmax(-1))  # [A, k] target ids
             src = anc[:, None] + torch.arange(k)[None]  # position p + j - 1
-            ok = src <= L - 1
             lab = pred[src.clamp(max=L - 1)]
+            ok = (src <= L - 1) & (lab >= 0)
             hit = (draft == lab) & ok
             correct += hit.float().sum(0)
             count += ok.float().sum(0)
@@ -633,7 +670,7 @@ def run(s: Settings) -> dict:
     seqs = [(p + o)[:s.max_len] for p, o in zip(data["prompt_ids"], data["outputs"])]
     plens = [min(len(p), s.max_len) for p in data["prompt_ids"]]
     fdir = _cache_dir() / "feat" / _hash({"gen": gen_key, "layers": layers, "max_len": s.max_len,
-                                           "v": 1})
+                                           "v": 2})
     if not (fdir / "meta.json").exists():
         fdir.parent.mkdir(parents=True, exist_ok=True)
         _log(f"target features for {sum(map(len, seqs))} tokens, layers {layers}")
@@ -654,7 +691,8 @@ def run(s: Settings) -> dict:
     counts = np.zeros(V, dtype=np.int64)
     for i in train:
         a, b = int(feats.offsets[i]) + int(feats.prompt_lens[i]), int(feats.offsets[i + 1])
-        np.add.at(counts, np.asarray(feats.preds[max(a - 1, 0):b], dtype=np.int64), 1)
+        lab = np.asarray(feats.preds[max(a - 1, 0):b], dtype=np.int64)
+        np.add.at(counts, lab[lab >= 0], 1)
     used = set(np.nonzero(counts)[0].tolist()) | set(np.unique(np.asarray(feats.tokens)).tolist())
     mask_id = choose_mask_token(tok, used)
     if s.vocab and s.vocab < V:
@@ -698,13 +736,17 @@ def run(s: Settings) -> dict:
     t0 = time.time()
     pbar = _progress(s.steps, "train")
     pbar.update(step)
-    while step < s.steps:
+    while step < s.steps and not s.eval_only:
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
         idx = [train[int(j)] for j in torch.randint(0, len(train), (s.batch,), generator=gen)]
-        states, first, anchors, labels = _batch(feats, idx, s, gen, t2d, k)
+        # The block length of this step: serving picks k per step (often below the trained
+        # size on CPUs), and every slot attends to every other, so train the lengths it meets.
+        kk = int(torch.randint(max(s.min_block, 2) - 1, k + 1, (1,), generator=gen)) \
+            if s.min_block < s.block_size else k
+        states, first, anchors, labels = _batch(feats, idx, s, gen, t2d, kk)
         for g in opt.param_groups:
             g["lr"] = _lr(s, step)
-        logits = drafter.forward_train(states, first, anchors, k)
+        logits = drafter.forward_train(states, first, anchors, kk)
         loss = _loss(logits, labels, s.gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -723,24 +765,29 @@ def run(s: Settings) -> dict:
     pbar.close()
     cost["train_s"] = time.time() - t0
     cost["positions_trained"] = trained_positions
-    drafter.save_pretrained(out)
+    if not s.eval_only:
+        drafter.save_pretrained(out)
 
     # 5: held-out accuracy
     t0 = time.time()
     ev = evaluate(drafter, feats, held, s, k) if held else {}
+    if held and s.min_block < s.block_size:
+        ev["short_block"] = evaluate(drafter, feats, held, s, max(s.min_block, 2) - 1)
     cost["eval_s"] = time.time() - t0
     cost["wall_s"] = time.time() - t_start
     report = {"out": str(out), "settings": asdict(s), "cost": cost, "eval": ev,
               "loss_first": history[:5], "loss_last": history[-5:], "vocab_coverage": cover,
               "mask_token_id": mask_id, "generation_cache": str(gdir), "feature_cache": str(fdir)}
-    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    report["step"] = step
+    name = f"eval_report_step{step}.json" if s.eval_only else "train_report.json"
+    (out / name).write_text(json.dumps(report, indent=2))
     _print_cost(report)
     return report
 
 
 def _settings_key(s: Settings) -> str:
     keep = asdict(s)
-    for f in ("steps", "save_every", "threads", "out", "eval_anchors"):
+    for f in ("steps", "save_every", "threads", "out", "eval_anchors", "eval_only"):
         keep.pop(f)
     return _hash(keep)
 
@@ -758,6 +805,11 @@ def _print_cost(r: dict) -> None:
                      " ".join(f"{j + 1}:{a:.2f}" for j, a in enumerate(ev["per_position_accuracy"])) +
                      f"; mean accepted {ev['mean_accepted']:.2f} (+1 bonus = "
                      f"{ev['tokens_per_step']:.2f} tokens per greedy step)")
+        if "short_block" in ev:
+            sb = ev["short_block"]
+            lines.append(f"with k = {len(sb['per_position_accuracy'])}: " + " ".join(
+                f"{j + 1}:{a:.2f}" for j, a in enumerate(sb["per_position_accuracy"])) +
+                f"; {sb['tokens_per_step']:.2f} tokens per greedy step")
     for line in lines:
         _log(line)
 
@@ -769,7 +821,8 @@ def _parse(argv) -> Settings:
     ap.add_argument("--out", default="", help="output directory (default: under the cache)")
     ap.add_argument("--corpus-file", default="", help="a text file instead of the local corpus")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the test suite's)")
-    for f in ("num_prompts", "max_new_tokens", "max_len", "draft_layers", "block_size", "vocab",
+    for f in ("num_prompts", "max_new_tokens", "max_len", "draft_layers", "block_size", "min_block",
+              "vocab",
               "steps", "batch", "anchors", "warmup", "save_every", "seed", "threads", "eval_anchors"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lr", "weight_decay", "gamma", "heldout"):
@@ -778,6 +831,8 @@ def _parse(argv) -> Settings:
     ap.add_argument("--target-layers", default=None, help="comma-separated target layer ids")
     ap.add_argument("--tie-k-norm", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--init-from-target", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--eval-only", action="store_true", default=None,
+                    help="evaluate the last checkpoint in --out on the held-out data; no training")
     a = ap.parse_args(argv)
     given = {f: getattr(a, f) for f in vars(a) if getattr(a, f) is not None
              and f not in ("tiny", "corpus_file", "target_layers")}

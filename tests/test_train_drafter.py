@@ -100,6 +100,13 @@ def test_tiny_training_end_to_end(tiny_target, tmp_path, monkeypatch):
     assert r2["cost"]["generate_s"] == 0.0 and r2["cost"]["features_s"] == 0.0
     assert len(torch.load(out / "train_state.pt", weights_only=False)["history"]) == 16
 
+    # --eval-only evaluates the checkpoint without training or rewriting it.
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    r5 = _run(model, corpus, out, steps=16, eval_only=True)
+    assert r5["cost"]["positions_trained"] == 0 and r5["step"] == 16
+    assert r5["eval"] == r2["eval"] and (out / "eval_report_step16.json").exists()
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
     # The same seed gives identical weights (fresh output directory, cached data).
     r3 = _run(model, corpus, tmp_path / "again", steps=12)
     assert r3["cost"]["generate_s"] == 0.0
@@ -127,3 +134,22 @@ def test_prompts_from_local_corpus_are_deterministic():
     a = td.build_prompts("local", 20, seed=3)
     assert a == td.build_prompts("local", 20, seed=3) and len(set(a)) > 10
     assert any("def " in p or "Python" in p for p in a)
+
+
+def test_truncated_forward_gives_the_full_models_hidden_states(tiny_target):
+    """Features skip the LM head and the top layers; the layers read are unchanged."""
+    from transformers import AutoModelForCausalLM
+    model, _ = tiny_target
+    m = AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = torch.randint(0, m.config.vocab_size, (2, 9))
+    att = torch.ones_like(ids)
+    att[1, 6:] = 0
+    with torch.no_grad():
+        full = m(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+        for deepest in (0, 1, 2):
+            part = td._hidden_states(m, ids, att, deepest)
+            for i in range(deepest + 1):
+                torch.testing.assert_close(part[i + 1], full[i + 1])
+    assert len(m.model.layers) == 4  # restored
+    with pytest.raises(ValueError):
+        td._hidden_states(m, ids, att, 3)
