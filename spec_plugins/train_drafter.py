@@ -123,6 +123,15 @@ class Settings:
         return cls(**base)
 
 
+def output_dir(model: str) -> Path:
+    """The drafter a run without ``--out`` builds for ``model``: where the ``dflash``
+    method looks when its ``drafter`` option is empty (keyed by the model's name and
+    config, so a rebuilt copy of the same checkpoint finds it)."""
+    p = Path(model).resolve()
+    key = _hash(json.loads((p / "config.json").read_text()))[:12]
+    return _cache_dir() / "drafters" / f"{p.name}-{key}"
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -711,8 +720,7 @@ def run(s: Settings) -> dict:
          f"mask token {mask_id}")
 
     # 4: training (resumable)
-    out = Path(s.out) if s.out else _cache_dir() / "drafters" / (
-        f"{Path(model_dir).name}-dflash-{_hash(asdict(s) | {'gen': gen_key, 'out': ''})[:12]}")
+    out = Path(s.out) if s.out else output_dir(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     drafter = build_drafter(s, target, layers, vocab_ids, mask_id)
     drafter.train()
