@@ -38,6 +38,35 @@ def assert_outputs_equal(expected, got, label: str) -> None:
         assert s == v, f"{label}, prompt {i}: output differs from vanilla"
 
 
+def check_aborts_leave_others_intact(url, vanilla) -> None:
+    """Abort the first 4 conversations mid-stream while the other 4 run: those must equal
+    vanilla's 8-concurrent outputs; then the aborted prompts, re-sent (their cached
+    blocks reused by prefix caching), must equal vanilla's batch-1 outputs."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
+
+    def abandoned(messages):
+        stream = client.chat.completions.create(model="default", messages=messages,
+                                                max_tokens=MAX_TOKENS, temperature=0,
+                                                stream=True)
+        for k, _ in enumerate(stream):
+            if k == 6:
+                break
+        stream.close()  # the server aborts the request mid-generation
+
+    with ThreadPoolExecutor(8) as pool:
+        aborted = [pool.submit(abandoned, m) for m in CONVERSATIONS[:4]]
+        kept = [pool.submit(complete, url, m, temperature=0) for m in CONVERSATIONS[4:]]
+        for f in aborted:
+            f.result()
+        for i, f in enumerate(kept):
+            assert f.result() == vanilla[1][4 + i], f"prompt {4 + i} changed by aborts"
+    for i in range(4):
+        assert complete(url, CONVERSATIONS[i], temperature=0) == vanilla[0][i], \
+            f"prompt {i} re-sent after its abort"
+
+
 def banned_token(tokens):
     """The most frequent token of an output: banning it changes the output early."""
     return max(set(tokens), key=tokens.count)

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from client import CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, complete, run_all
+from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
+                    complete, run_all)
 from vllm_server import counter, engine_env, log_file, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -69,27 +70,8 @@ def test_greedy_outputs_equal_vanilla(vanilla, dflash_server):
 
 def test_aborts_leave_the_others_and_the_cache_intact(vanilla, dflash_server):
     _, url, _ = dflash_server
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
-
-    def abandoned(messages):
-        stream = client.chat.completions.create(model="default", messages=messages,
-                                                max_tokens=MAX_TOKENS, temperature=0,
-                                                stream=True)
-        for k, _ in enumerate(stream):
-            if k == 6:
-                break
-        stream.close()
-
-    with ThreadPoolExecutor(8) as pool:
-        aborted = [pool.submit(abandoned, m) for m in CONVERSATIONS[:4]]
-        kept = [pool.submit(complete, url, m, temperature=0) for m in CONVERSATIONS[4:]]
-        for f in aborted:
-            f.result()
-        for i, f in enumerate(kept):
-            assert f.result() == vanilla[1][4 + i], f"prompt {4 + i} changed by aborts"
-    # Re-sent after the aborts: prefix-cached prompts (no hidden states for the cached part).
-    for i in range(4):
-        assert complete(url, CONVERSATIONS[i], temperature=0) == vanilla[0][i]
+    # Re-sent prompts are prefix-cached: no hidden states for the cached part.
+    check_aborts_leave_others_intact(url, vanilla)
 
 
 def test_seeded_sampling_is_reproducible(dflash_server):

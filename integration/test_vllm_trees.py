@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from client import CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, complete, run_all
+from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
+                    complete, run_all)
 from vllm_server import (counter, log_file, mean_acceptance_length, spec_metrics,
                          vllm_server)
 
@@ -66,27 +67,7 @@ def test_requests_finishing_inside_an_accepted_path(vanilla, tree_server):
 
 def test_aborted_requests_leave_the_others_and_the_cache_intact(vanilla, tree_server):
     _, url, _ = tree_server
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
-
-    def abandoned(messages):
-        stream = client.chat.completions.create(model="default", messages=messages,
-                                                max_tokens=MAX_TOKENS, temperature=0,
-                                                stream=True)
-        for k, _ in enumerate(stream):
-            if k == 6:
-                break
-        stream.close()  # the server aborts the request mid-generation
-
-    with ThreadPoolExecutor(8) as pool:
-        aborted = [pool.submit(abandoned, m) for m in CONVERSATIONS[:4]]
-        kept = [pool.submit(complete, url, m, temperature=0) for m in CONVERSATIONS[4:]]
-        for f in aborted:
-            f.result()
-        for i, f in enumerate(kept):
-            assert f.result() == vanilla[1][4 + i], f"prompt {4 + i} changed by aborts"
-    # The aborted prompts' cached blocks are reused (prefix caching) by new requests.
-    for i in range(4):
-        assert complete(url, CONVERSATIONS[i], temperature=0) == vanilla[0][i]
+    check_aborts_leave_others_intact(url, vanilla)
 
 
 def test_seeded_sampling_with_trees_is_reproducible(tree_server):

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields

@@ -173,7 +173,6 @@ def test_greedy_speculation_with_dflash_equals_greedy_decoding(checkpoint):
         req = DraftRequest("r", np.array(seq), 3, [seq[-1]], 8, num_accepted=accepted)
         (tree,) = p.propose([req], StepContext(hidden_states=[s]))
         states_from = len(seq) - 1
-        ctx_tokens = [seq[-1]] + tree.tokens
         logits = np.full((len(tree) + 1, V), -1.0)
         for row, tok in enumerate([seq[-1]] + tree.tokens):
             logits[row, table[tok]] = 1.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from spec_plugins.lattice import greedy_tree, sampled_tree, topk_lattice
