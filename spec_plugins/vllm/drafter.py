@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +60,15 @@ class TreeStats:
             logger.info("spec_plugins: draft trees verified: %d, mean nodes per tree: %.1f, "
                         "mean accepted tokens per tree: %.2f", self.trees,
                         self.nodes / self.trees, self.accepted / self.trees)
+
+
+class RequestInfo(NamedTuple):
+    """What the drafter reads once from a request's sampling parameters."""
+    skip_reason: str | None   # why it is never drafted for (options drafts cannot honour)
+    seeded: bool              # seeded sampling: drafts from its own tokens only
+    tree_ok: bool             # a branching tree can be verified for it
+    temperature: float
+    seed: int | None
 
 
 def model_info(vllm_config, model) -> ModelInfo:
@@ -113,9 +123,7 @@ class VllmDrafter:
         self._states: dict[str, list[CommittedStates]] = {}
         self._states_end: dict[str, int] = {}
         self._aux_order: list[int] | None = None
-        # req_id -> (why it is never drafted for, or None; whether it is seeded;
-        #            whether a branching tree can be verified for it; temperature; seed)
-        self._req_info: dict[str, tuple] = {}
+        self._req_info: dict[str, RequestInfo] = {}
         self._logged_reasons: set[str] = set()
         self.cost: CostModel | None = None
         self._t_last: float | None = None
@@ -205,12 +213,11 @@ class VllmDrafter:
             builder.tree_step = None
 
     # request bookkeeping ------------------------------------------------------
-    def _classify(self, runner, req_id: str) -> tuple:
-        """Read a request's sampling parameters once: why it must not be drafted for
-        (options our drafts cannot honour, else None), whether it is seeded, whether it
-        may get a branching tree (vLLM applies penalties, bad words, min_tokens, grammars
-        and logprobs to draft positions as if they were a chain, so such requests get
-        chains), its temperature and its seed."""
+    def _classify(self, runner, req_id: str) -> RequestInfo:
+        """Read a request's sampling parameters once. vLLM applies penalties, bad words,
+        min_tokens, grammars and logprobs to draft positions as if they were a chain, so
+        such requests get chains; min_p and logit_bias are not applied to drafts at all,
+        so such requests get none."""
         if req_id not in self._req_info:
             state = runner.requests.get(req_id)
             sp = getattr(state, "sampling_params", None)
@@ -226,8 +233,8 @@ class VllmDrafter:
                 or (sp.repetition_penalty and sp.repetition_penalty != 1.0)
                 or sp.logprobs is not None or sp.bad_words or sp.min_tokens
                 or getattr(sp, "structured_outputs", None) is not None)
-            self._req_info[req_id] = (reason, seeded, tree_ok, temperature,
-                                      sp.seed if seeded else None)
+            self._req_info[req_id] = RequestInfo(reason, seeded, tree_ok, temperature,
+                                                 sp.seed if seeded else None)
             if reason and reason not in self._logged_reasons:
                 self._logged_reasons.add(reason)
                 logger.info("spec_plugins: requests with %s are served without speculation "
@@ -265,7 +272,7 @@ class VllmDrafter:
         for i, sampled in enumerate(sampled_token_ids):
             req_id = batch.req_ids[i]
             n = int(scheduler_output.num_scheduled_tokens.get(req_id, 0))
-            if n == 0 or self._classify(runner, req_id)[0]:
+            if n == 0 or self._classify(runner, req_id).skip_reason:
                 continue  # nothing computed, or never drafted for (min_p, logit_bias)
             if not spec.get(req_id):
                 local = range(n)
@@ -323,8 +330,8 @@ class VllmDrafter:
             room = min(k, self.max_model_len - n - 1)
             if room <= 0:
                 continue
-            skip_reason, seeded, tree_ok, temperature, seed = self._classify(runner, req_id)
-            if skip_reason:
+            info = self._classify(runner, req_id)
+            if info.skip_reason:
                 continue
             last = self._last_len.get(req_id)
             requests.append(DraftRequest(
@@ -334,10 +341,10 @@ class VllmDrafter:
                 new_tokens=sampled,
                 max_draft_tokens=room,
                 num_accepted=None if not last else len(sampled) - 1,
-                isolated=seeded,
-                tree_ok=tree_ok,
-                temperature=temperature,
-                seed=seed,
+                isolated=info.seeded,
+                tree_ok=info.tree_ok,
+                temperature=info.temperature,
+                seed=info.seed,
             ))
             rows.append(i)
         self.pending_trees.clear()
