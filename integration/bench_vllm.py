@@ -56,6 +56,9 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
                      {"spec_plugins": {"tree": False, "drafter": "{drafter}"}}),
     "dflash-tree": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 12},
                     {"spec_plugins": {"tree": True, "drafter": "{drafter}"}}),
+    "dflash-tree-bf16": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 12},
+                         {"spec_plugins": {"tree": True, "drafter": "{drafter}",
+                                           "dtype": "bfloat16"}}),
     "vllm-dflash": ({"method": "dflash", "model": "{drafter}", "num_speculative_tokens": 7},
                     None),
     # Not a method to deploy: DEL probing every exit layer on every step measures the

@@ -41,9 +41,10 @@ def drafter(default_model, tmp_path_factory):
     return str(out)
 
 
-# Trees with the defaults; chains drafting whole blocks every step (the CI drafter's drafts
-# seldom pay for their verify time, and the default budget would hardly draft them).
-SHAPES = {"trees": {"tree": True},
+# Whole blocks drafted every step (the CI drafter's drafts seldom pay for their verify
+# time, so the default budget would hardly draft them, and some must be accepted here);
+# the preemption server below runs the defaults.
+SHAPES = {"trees": {"tree": True, "budget": False, "adaptive": False, "max_block": 4},
           "chains": {"tree": False, "budget": False, "adaptive": False, "max_block": 4}}
 
 
