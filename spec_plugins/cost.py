@@ -10,6 +10,7 @@ of the last slope) and can be refined online with observed step times.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import Mapping
 
 
@@ -62,3 +63,36 @@ class CostModel:
             ts[i] += weight * lam * err
         for j in range(len(ts)):
             ts[j] = max(ts[j], 1e-9)
+
+
+class StepTimer:
+    """Calibrates a :class:`CostModel` online from an engine's step times.
+
+    ``observe(n, seconds)``: a step of ``n`` query tokens took ``seconds``. The first
+    observation sets a linear prior (``prior_per_token`` of a one-token step per extra
+    token); later ones refine it; a step much longer than the model predicts is idle
+    time, not compute, and is dropped. ``start``/``stop`` time a step the caller
+    brackets (``stop`` returns whether the step was recorded)."""
+
+    def __init__(self, prior_per_token: float = 0.1, max_n: int = 4096):
+        self.prior_per_token, self.max_n = prior_per_token, max_n
+        self.cost: CostModel | None = None
+        self._t0: float | None = None
+
+    def observe(self, n: int, seconds: float) -> None:
+        if n <= 0 or seconds <= 0:
+            return
+        if self.cost is None:
+            t1 = seconds / (1 + self.prior_per_token * (n - 1))
+            self.cost = CostModel.linear(t1, self.prior_per_token * t1, max_n=self.max_n)
+        elif seconds < 3 * self.cost.time(n):
+            self.cost.observe(n, seconds)
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, n: int) -> None:
+        """The step started by :meth:`start` computed ``n`` query tokens."""
+        if self._t0 is not None:
+            self.observe(n, time.perf_counter() - self._t0)
+        self._t0 = None

@@ -733,6 +733,11 @@ class DFlashDrafter(nn.Module):
                              f"unexpected {sorted(unexpected)}")
         dtype = dtype or torch.float32
         model.to(device=device, dtype=dtype)
+        head = model._shared_head
+        if head is not None and head.dtype != dtype:
+            # A drafter in another dtype than the target (bf16 drafts for an fp32 target)
+            # keeps its own converted copy of the head: converting per pass costs more.
+            model.set_shared(lm_head_weight=head.to(device=device, dtype=dtype))
         if model.d2t is not None:
             model.d2t = model.d2t.to(torch.long)
         model.eval()

@@ -15,7 +15,11 @@ lattice into drafts, whatever produced it:
   their distributions so the verifiers stay lossless (chains through vLLM's rejection
   sampler, trees through the core verifier); seeded requests draw from their own seed;
 - the block length follows each request's recent acceptance (DiffuSpec's ADL,
-  ``lattice.AdaptiveLength``) within ``[min_block, max_block]``.
+  ``lattice.AdaptiveLength``) within ``[min_block, max_block]``;
+- the draft pass itself is priced by measurement: ``payoff.PayoffGate`` compares whole
+  cycles with and without drafts and skips the pass while it does not pay (the verify-cost
+  model prices only the verified tokens, not the drafter's forward). The drafter's
+  per-request state still takes every committed token meanwhile.
 
 Subclasses produce the lattice: :meth:`BlockProposer._lattice` returns logits over the
 drafter's vocabulary, with :meth:`_to_target_ids` / :meth:`_to_target_logits` mapping a
@@ -34,6 +38,7 @@ from spec_plugins.builders import fit_batch
 from spec_plugins.calibration import Calibrator
 from spec_plugins.lattice import AdaptiveLength, greedy_tree, sampled_tree, topk_lattice
 from spec_plugins.options import MethodOptions, OptionError, opt
+from spec_plugins.payoff import PayoffGate
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.tree import DraftTree
 
@@ -54,8 +59,9 @@ class BlockOptions(MethodOptions):
     sample: bool = opt(True, help="sampled requests get drafts drawn from the draft "
                                   "distributions (False: argmax drafts)")
     budget: bool = opt(True, help="cut drafts to the nodes the verify-cost model says pay "
-                                  "for themselves (False: always draft the whole block; "
-                                  "for measuring acceptance)")
+                                  "for themselves, and skip the draft pass while cycles "
+                                  "with drafts are measured slower than without (False: "
+                                  "always draft the whole block; for measuring acceptance)")
 
     def validate(self, where: str) -> None:
         if self.max_block and self.min_block > self.max_block:
@@ -73,6 +79,9 @@ class BlockState:
         self.greedy = True
 
 
+LOG_EVERY = 512   # propose calls between log lines of the payoff gate's figures
+
+
 def _bucket(depth: int, p: float) -> tuple[int, int]:
     return min(depth, 8), min(int(p * 10), 9)
 
@@ -87,6 +96,8 @@ class BlockProposer(Proposer):
         self.calibrator = Calibrator()
         self._requests: dict[str, BlockState] = {}
         self._gen = torch.Generator()
+        self.gate = PayoffGate()
+        self._steps = 0
 
     def _set_max_block(self, trained: int) -> None:
         """Called by ``bind`` with the drafter's trained block length."""
@@ -138,6 +149,9 @@ class BlockProposer(Proposer):
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
         o = self.options
+        self._steps += 1
+        if self._steps % LOG_EVERY == 0 and o.budget:
+            self.logger.info("spec_plugins: %s payoff gate %s", self.name, self.gate.describe())
         extras = ctx.hidden_states or [None] * len(requests)
         sts, lens = [], []
         for req, extra in zip(requests, extras):
@@ -149,7 +163,10 @@ class BlockProposer(Proposer):
             lens.append(max(0, min(n, req.max_draft_tokens)))
         trees = [DraftTree.empty() for _ in requests]
         live = [i for i, n in enumerate(lens) if n > 0 and self._can_draft(sts[i])]
+        if o.budget and not self.gate.begin(requests, ctx.batch_tokens):
+            live = []
         if not live:
+            self.gate.end(False)
             return trees
         logits = self._lattice([requests[i] for i in live], [sts[i] for i in live],
                                max(lens[i] for i in live))
@@ -169,6 +186,7 @@ class BlockProposer(Proposer):
             st.last = trees[i] if len(trees[i]) else None
             if st.buckets is not None:
                 st.buckets = st.buckets[:len(trees[i])]
+        self.gate.end(any(len(t) for t in trees))
         return trees
 
     def _can_draft(self, st: BlockState) -> bool:

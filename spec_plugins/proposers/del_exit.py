@@ -20,7 +20,7 @@ Exit and length choice. Per request and candidate ``E``: the draft length that
 maximises committed tokens per second given the acceptance at ``E``, the draft cost of
 ``E`` layers (timed online, ``a + b * E``) and the verify cost per draft token (the
 adapter's cost model) (``layerskip.best_length``); the pair with the best rate wins,
-no draft at all if none beats not drafting. Above that, ``layerskip.PayoffGate`` turns
+no draft at all if none beats not drafting. Above that, ``payoff.PayoffGate`` turns
 drafting off (retrying now and then) while decoding cycles with drafts are measured to
 commit fewer tokens per second than cycles without. A draft also ends before its first token
 below ``min_confidence`` (dynamic draft exit). Every ``log_every`` steps the exits
@@ -42,8 +42,8 @@ import torch
 
 from spec_plugins.options import MethodOptions, OptionError, opt
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
-from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
-                                              best_length,
+from spec_plugins.payoff import Backoff, PayoffGate
+from spec_plugins.proposers.layerskip import (Acceptance, DraftTimer, best_length,
                                               chains_to_trees, describe_costs, draft_chains,
                                               step_costs)
 from spec_plugins.tree import DraftTree

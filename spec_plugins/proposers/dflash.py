@@ -34,7 +34,8 @@ class DFlashOptions(BlockOptions):
                                 "empty: the one spec-plugins-train-drafter built for the "
                                 "served model")
     dtype: str = opt("auto", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="drafter weights' dtype (auto: the target's)")
+                     help="drafter weights' dtype (auto: the target's, bfloat16 for a "
+                          "float32 target on a CPU with native bf16)")
 
 
 def default_drafter_dir(model_path: str) -> Path:
@@ -57,6 +58,7 @@ class DFlashProposer(BlockProposer):
     Options = DFlashOptions
 
     def bind(self, model: ModelInfo) -> None:
+        from spec_plugins.models import drafter_dtype
         from spec_plugins.models.dflash import DFlashDrafter
 
         o = self.options
@@ -67,7 +69,7 @@ class DFlashProposer(BlockProposer):
                    f"{model.model_path}")
             raise OptionError(f"dflash.drafter={str(path)!r} is not a DFlash checkpoint "
                               f"directory (no config.json){how}")
-        dtype = model.dtype if o.dtype == "auto" else getattr(torch, o.dtype)
+        dtype = drafter_dtype(o.dtype, model.dtype, model.device)
         try:
             drafter = DFlashDrafter.from_pretrained(
                 path, device=model.device, dtype=dtype, embed_tokens=model.embed_tokens,

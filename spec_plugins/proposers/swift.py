@@ -22,7 +22,7 @@ calibrated, each request drafts the length that maximises committed tokens per s
 given the set's acceptance, draft and verify costs (``layerskip.best_length``), which is
 0 when drafting does not pay; it then drafts anyway after ``explore_every`` steps, so the
 acceptance estimate stays current, at intervals that double (up to 256 steps) while
-drafting keeps not paying. Above both, ``layerskip.PayoffGate`` compares measured tokens
+drafting keeps not paying. Above both, ``payoff.PayoffGate`` compares measured tokens
 per second of decoding cycles with and without drafts and turns drafting off (retrying
 now and then) when it is slower; every ``log_every`` steps the set, its acceptance and
 these measurements are logged.
@@ -41,8 +41,8 @@ import numpy as np
 
 from spec_plugins.options import MethodOptions, OptionError, opt
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
-from spec_plugins.proposers.layerskip import (Acceptance, Backoff, DraftTimer, PayoffGate,
-                                              best_length,
+from spec_plugins.payoff import Backoff, PayoffGate
+from spec_plugins.proposers.layerskip import (Acceptance, DraftTimer, best_length,
                                               chains_to_trees, describe_costs, draft_chains,
                                               step_costs)
 from spec_plugins.tree import DraftTree

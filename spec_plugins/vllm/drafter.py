@@ -27,9 +27,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from spec_plugins.cost import CostModel
+from spec_plugins.cost import StepTimer
 from spec_plugins.proposers import proposer_class
-from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
+from spec_plugins.proposers.base import (CommittedStates, DraftRequest, ModelInfo, StepContext,
+                                         check_trees)
 from spec_plugins.tree import DraftTree
 from spec_plugins.vllm import tree_step
 from spec_plugins.vllm.config import settings_from
@@ -125,8 +126,7 @@ class VllmDrafter:
         self._aux_order: list[int] | None = None
         self._req_info: dict[str, RequestInfo] = {}
         self._logged_reasons: set[str] = set()
-        self.cost: CostModel | None = None
-        self._t_last: float | None = None
+        self.timer = StepTimer(PRIOR_PER_TOKEN)
         logger.info("spec_plugins: method %s, up to %d draft tokens per step, options %s",
                     self.method, self.k, settings.options)
 
@@ -244,16 +244,7 @@ class VllmDrafter:
     def _calibrate(self, scheduler_output) -> None:
         """Time from the end of one drafting call to the start of the next = one engine
         step of the tokens it scheduled."""
-        now = time.perf_counter()
-        n = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
-        if self._t_last is not None and n > 0:
-            dt = now - self._t_last
-            if self.cost is None:
-                t1 = dt / (1 + PRIOR_PER_TOKEN * (n - 1))
-                self.cost = CostModel.linear(t1, PRIOR_PER_TOKEN * t1, max_n=4096)
-            elif dt < 3 * self.cost.time(n):  # longer gaps are idle time, not compute
-                self.cost.observe(n, dt)
-        self._t_last = now
+        self.timer.stop(int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
 
     def _collect_states(self, runner, scheduler_output, sampled_token_ids, aux) -> None:
         """Queue, per request, the target hidden states of the tokens it committed in this
@@ -351,7 +342,7 @@ class VllmDrafter:
         self.step = None
         trees: list[DraftTree | None] = [None] * len(sampled_token_ids)
         if requests:
-            ctx = StepContext(cost=self.cost, batch_tokens=len(sampled_token_ids))
+            ctx = StepContext(cost=self.timer.cost, batch_tokens=len(sampled_token_ids))
             if self.wants_topk:
                 ctx.target_topk = [self._topk.get(r.req_id) for r in requests]
             if self.wants_model:
@@ -359,16 +350,10 @@ class VllmDrafter:
                 ctx.target_model = self.target_model
             if self.wants_states:
                 ctx.hidden_states = [self._take_states(r.req_id) for r in requests]
-            for i, req, tree in zip(rows, requests, self.proposer.propose(requests, ctx)):
-                if len(tree) > req.max_draft_tokens:
-                    raise RuntimeError(
-                        f"spec_plugins method {self.method!r} drafted {len(tree)} tokens "
-                        f"for a request allowed {req.max_draft_tokens}")
+            proposed = self.proposer.propose(requests, ctx)
+            check_trees(self.method, requests, proposed)
+            for i, req, tree in zip(rows, requests, proposed):
                 if not tree.is_chain:
-                    if not req.tree_ok:
-                        raise RuntimeError(
-                            f"spec_plugins method {self.method!r} returned a tree for a "
-                            "request that needs a chain (DraftRequest.tree_ok is False)")
                     self.pending_trees[req.req_id] = tree
                 drafts[i] = list(tree.tokens)
                 trees[i] = tree
@@ -377,7 +362,7 @@ class VllmDrafter:
         for i, req_id in enumerate(batch.req_ids[:len(drafts)]):
             self._last_len[req_id] = len(drafts[i])
         # The next step's time is measured from here: drafting is not part of it.
-        self._t_last = time.perf_counter()
+        self.timer.start()
         return drafts
 
     def _hand_draft_probs(self, runner, trees) -> None:

@@ -180,3 +180,55 @@ def test_greedy_speculation_with_dflash_equals_greedy_decoding(checkpoint):
         seq += v.emitted
         accepted = v.num_accepted
     assert seq[:40] == plain
+
+
+def test_payoff_gate_skips_the_draft_pass_when_it_does_not_pay(checkpoint, monkeypatch):
+    """Cycles with drafts measured slower (nothing accepted, the pass costs half a step):
+    the proposer stops drafting, yet its context keeps every committed token, so a draft
+    after the gate reopens equals a fresh proposer's that saw the context at once."""
+    from spec_plugins import payoff
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    monkeypatch.setattr(payoff, "clock", clock)
+    p = proposer(checkpoint, tree=False, adaptive=False)
+    p.gate = payoff.PayoffGate(window=4, retry_every=64, plain_every=8)
+    pos, drafted = 5, []
+    s = states(range(5))
+    for step in range(40):
+        req = DraftRequest("r", np.arange(pos + 1) % V, 3, [1], 8,
+                           num_accepted=0 if step else None)
+        (t,) = p.propose([req], StepContext(hidden_states=[s]))
+        drafted.append(len(t) > 0)
+        clock.t += 1.5 if len(t) else 1.0
+        s = states([pos], seed=pos)
+        pos += 1
+    assert all(drafted[:4]) and not any(drafted[-20:])
+    # The context still holds every committed position.
+    assert p._requests["r"].end == pos - 1
+    fresh = proposer(checkpoint, tree=False, adaptive=False, budget=False)
+    whole = CommittedStates(torch.arange(pos - 1), torch.cat(
+        [states(range(5)).states] + [states([q], seed=q).states for q in range(5, pos - 1)]))
+    req = DraftRequest("r", np.arange(pos) % V, 3, [1], 8)
+    (want,) = fresh.propose([req], StepContext(hidden_states=[whole]))
+    p.options = p.Options.parse({"drafter": checkpoint, "tree": False, "adaptive": False,
+                                 "budget": False})
+    (got,) = p.propose([req], StepContext(hidden_states=[None]))
+    assert got.tokens == want.tokens
+
+
+def test_auto_dtype_is_bf16_only_for_fp32_targets_on_cpus_with_native_bf16(monkeypatch):
+    import spec_plugins.models as models
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(models, "_cpu_has_native_bf16", lambda: native)
+        want = torch.bfloat16 if native else torch.float32
+        assert models.drafter_dtype("auto", torch.float32, cpu) == want
+        assert models.drafter_dtype("auto", torch.float16, cpu) == torch.float16
+        assert models.drafter_dtype("float32", torch.float32, cpu) == torch.float32
+        assert models.drafter_dtype("auto", torch.float32, torch.device("meta")) == torch.float32
