@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench_report import print_tables, rows_of, totals_of, write_json, write_svg  # noqa: E402
 from prompts import CATEGORIES, prompts  # noqa: E402
 from vllm_server import (accepted_per_position, mean_acceptance_length, spec_metrics,  # noqa: E402
                          vllm_server)
@@ -134,6 +135,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--json", default=None, help="write all figures here")
+    ap.add_argument("--svg", default=None, help="write a plot (tok/s, mean acceptance "
+                    "length per method and category) here")
     ap.add_argument("--log-dir", default=None, help="keep each server's log here")
     ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
                     "(default: the one spec-plugins-train-drafter built for the model)")
@@ -157,36 +160,9 @@ def main():
 
     print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
           f"max_tokens {a.max_tokens}\n")
-    print("| config | category | concurrency | tok/s | speedup | mean acc. len | identical |")
-    print("|---|---|---|---|---|---|---|")
-    rows = []
-    for c in a.configs:
-        for (cat, conc), r in ((k, v) for k, v in res[c].items() if k != "per_position"):
-            base = res["vanilla"][(cat, conc)]
-            same = sum(x == y for x, y in zip(r["outputs"], base["outputs"]))
-            row = dict(config=c, category=cat, concurrency=conc, tok_s=r["tok_s"],
-                       speedup=r["tok_s"] / base["tok_s"], mal=r["mal"],
-                       identical=same / len(base["outputs"]))
-            rows.append(row)
-            mal = "-" if r["mal"] is None else f"{r['mal']:.2f}"
-            print(f"| {c} | {cat} | {conc} | {r['tok_s']:.1f} | {row['speedup']:.2f}x | {mal} | "
-                  f"{100 * row['identical']:.0f}% |")
-    # Overall per config and concurrency: total tokens over total time.
-    print("\n| config | concurrency | tok/s (all categories) | speedup | identical |")
-    print("|---|---|---|---|---|")
-    for c in a.configs:
-        for conc in a.concurrency:
-            rs = [res[c][(cat, conc)] for cat in a.categories]
-            bs = [res["vanilla"][(cat, conc)] for cat in a.categories]
-            tps = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
-            btps = sum(r["tokens"] for r in bs) / sum(r["seconds"] for r in bs)
-            same = sum(x == y for r, b in zip(rs, bs) for x, y in zip(r["outputs"], b["outputs"]))
-            total = sum(len(b["outputs"]) for b in bs)
-            print(f"| {c} | {conc} | {tps:.1f} | {tps / btps:.2f}x | {100 * same / total:.0f}% |")
-    for c in a.configs:
-        if res[c].get("per_position"):
-            print(f"\n{c}: drafts accepted through draft position 1..k (whole run): " +
-                  " ".join(f"{p:.2f}" for p in res[c]["per_position"]))
+    rows = rows_of(res, a.configs)
+    totals = totals_of(res, a.configs, a.categories, a.concurrency)
+    print_tables(rows, totals, res, a.configs)
     for c in a.configs:
         if choices[c]:
             # First and last: the choice early in the run and where it ended.
@@ -194,7 +170,9 @@ def main():
             if len(choices[c]) > 1:
                 print(f"{c}, last logged choice: {choices[c][-1]}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "choices": choices}, indent=1))
+        write_json(a.json, rows, totals, {"choices": choices})
+    if a.svg:
+        write_svg(a.svg, rows, f"vLLM, {Path(a.model).name}: tok/s per method")
 
 
 if __name__ == "__main__":

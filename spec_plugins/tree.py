@@ -139,3 +139,13 @@ class DraftTree:
         if self.dist_rows is not None:
             if self.draft_dists is None or len(self.dist_rows) != n:
                 raise ValueError("dist_rows needs draft_dists and one row per node")
+            d = np.asarray(self.draft_dists)
+            if d.ndim != 2 or any(not 0 <= r < d.shape[0] for r in self.dist_rows):
+                raise ValueError("dist_rows must index rows of a [rows, vocab] draft_dists")
+            if vocab_size is not None and d.shape[1] != vocab_size:
+                raise ValueError(f"draft_dists has {d.shape[1]} columns, the vocabulary "
+                                 f"{vocab_size}")
+            if not np.isfinite(d).all() or (d < 0).any():
+                raise ValueError("draft_dists has NaN, inf or negative entries")
+            if not np.allclose(d.sum(-1), 1.0, atol=1e-3):
+                raise ValueError("draft_dists rows must sum to 1")

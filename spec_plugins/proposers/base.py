@@ -183,20 +183,3 @@ class Proposer(ABC):
     def finish(self, req_id: str) -> None:
         """The request left the engine; drop per-request state (or keep it for reuse)."""
 
-
-def check_trees(method: str, requests: Sequence[DraftRequest],
-                trees: Sequence[DraftTree]) -> None:
-    """What every adapter checks on a proposer's answer before handing it to an engine
-    (raises ``RuntimeError`` naming the method)."""
-    if len(trees) != len(requests):
-        raise RuntimeError(f"spec_plugins method {method!r} returned {len(trees)} drafts "
-                           f"for {len(requests)} requests")
-    for req, tree in zip(requests, trees):
-        if len(tree) > req.max_draft_tokens:
-            raise RuntimeError(
-                f"spec_plugins method {method!r} drafted {len(tree)} tokens "
-                f"for a request allowed {req.max_draft_tokens}")
-        if not tree.is_chain and not req.tree_ok:
-            raise RuntimeError(
-                f"spec_plugins method {method!r} returned a tree for a "
-                "request that needs a chain (DraftRequest.tree_ok is False)")

@@ -29,8 +29,8 @@ import torch
 
 from spec_plugins.cost import StepTimer
 from spec_plugins.proposers import proposer_class
-from spec_plugins.proposers.base import (CommittedStates, DraftRequest, ModelInfo, StepContext,
-                                         check_trees)
+from spec_plugins.guard import GuardedProposer
+from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
 from spec_plugins.tree import DraftTree
 from spec_plugins.vllm import tree_step
 from spec_plugins.vllm.config import settings_from
@@ -99,6 +99,8 @@ class VllmDrafter:
         self.vllm_config = vllm_config
         self.proposer = proposer_class(self.method)(settings.options)
         self.proposer.logger = logger
+        # Every call into the method goes through the guard: its faults never reach vLLM.
+        self.guard = GuardedProposer(self.proposer, self.method, logger)
         needs = set(self.proposer.needs)
         if needs - SUPPORTED_NEEDS:
             raise NotImplementedError(
@@ -135,7 +137,7 @@ class VllmDrafter:
         """vLLM passes the loaded target: the proposer learns about it once (``bind``);
         model-dependent mistakes fail here, at start-up."""
         info = model_info(self.vllm_config, target_model)
-        self.proposer.bind(info)
+        self.guard.bind(info)
         if self.wants_model:
             from spec_plugins.vllm.target_model import VllmTargetModel
 
@@ -350,8 +352,7 @@ class VllmDrafter:
                 ctx.target_model = self.target_model
             if self.wants_states:
                 ctx.hidden_states = [self._take_states(r.req_id) for r in requests]
-            proposed = self.proposer.propose(requests, ctx)
-            check_trees(self.method, requests, proposed)
+            proposed = self.guard.propose(requests, ctx)
             for i, req, tree in zip(rows, requests, proposed):
                 if not tree.is_chain:
                     self.pending_trees[req.req_id] = tree
@@ -388,7 +389,7 @@ class VllmDrafter:
         runner._draft_prob_req_ids = list(runner.input_batch.req_ids[:len(trees)])
 
     def _finish(self, req_id: str) -> None:
-        self.proposer.finish(req_id)
+        self.guard.finish(req_id)
         self._last_len.pop(req_id, None)
         self._req_info.pop(req_id, None)
         self._states.pop(req_id, None)

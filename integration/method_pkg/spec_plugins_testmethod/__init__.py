@@ -55,3 +55,45 @@ class SampledProposer(Proposer):
                 ids, p = topk_lattice(self.q[:depth], branches)
                 out.append(greedy_tree(ids, p, max_nodes=depth * branches))
         return out
+
+
+@dataclass(frozen=True)
+class FaultyOptions(MethodOptions):
+    fault: str = opt("cycle", choices=("raise", "oov", "nan", "too_many", "cycle"),
+                     help="the fault to inject (cycle: each kind in turn)")
+    every: int = opt(2, lo=1, help="inject on every `every`-th step (1: every step)")
+
+
+class FaultyProposer(Proposer):
+    """Drafts the request's last token repeated (harmless chains), except on every
+    ``every``-th step, when it injects ``fault``: an exception, a token outside the
+    vocabulary, NaN draft distributions, or more nodes than allowed."""
+    name = "test_faulty"
+    Options = FaultyOptions
+    KINDS = ("raise", "oov", "nan", "too_many")
+
+    def bind(self, model) -> None:
+        self.vocab = model.vocab_size
+        self.calls = 0
+
+    def propose(self, requests, ctx):
+        from spec_plugins.tree import DraftTree
+
+        self.calls += 1
+        o = self.options
+        chains = [DraftTree.chain([int(r.token_ids[-1])] * min(2, r.max_draft_tokens))
+                  for r in requests]
+        if self.calls % o.every:
+            return chains
+        kind = self.KINDS[(self.calls // o.every) % 4] if o.fault == "cycle" else o.fault
+        if kind == "raise":
+            raise RuntimeError("injected drafter failure")
+        bad = chains[0]
+        if kind == "oov":
+            bad = DraftTree.chain([self.vocab + 5])
+        elif kind == "nan":
+            bad = DraftTree.chain([1])
+            bad.dist_rows, bad.draft_dists = [0], torch.full((1, self.vocab), float("nan")).numpy()
+        elif kind == "too_many":
+            bad = DraftTree.chain([1] * (requests[0].max_draft_tokens + 1))
+        return [bad] + chains[1:]
