@@ -22,7 +22,8 @@ CHAIN = {"spec_plugins": {"tree": False}}
 
 @pytest.fixture(scope="module")
 def suffix_server(default_model):
-    with vllm_server(default_model, SUFFIX, CHAIN) as url:
+    with vllm_server(default_model, SUFFIX, CHAIN,
+                     extra=["--per-request-spec-decode-metrics", "summary"]) as url:
         yield url
 
 
@@ -56,6 +57,40 @@ def test_min_p_and_logit_bias_are_served_without_speculation(suffix_server, vani
     biased = complete(suffix_server, CONVERSATIONS[0], temperature=0, logit_bias={str(ban): -100})
     assert ban not in biased
     assert biased == vanilla[2]
+
+
+def request_spec_metrics(url, messages, xargs=None):
+    """(token ids, the response's per-request ``metrics.speculative_decoding``)."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
+    extra = {"return_token_ids": True}
+    if xargs is not None:
+        extra["vllm_xargs"] = xargs
+    r = client.chat.completions.create(model="default", messages=messages, temperature=0,
+                                       max_tokens=96, extra_body=extra)
+    metrics = (r.model_extra.get("metrics") or {}).get("speculative_decoding") or {}
+    return list(r.choices[0].token_ids), metrics
+
+
+def test_per_request_control_caps_or_turns_off_drafting(suffix_server, vanilla):
+    """``vllm_xargs``: spec_plugins_max_draft_tokens caps one request's drafts, 0 turns
+    speculation off for it; outputs stay vanilla's and the per-request acceptance
+    figures vLLM reports follow the cap. A bad value is a 400 naming the field."""
+    msgs = CONVERSATIONS[0]
+    full_tokens, full = request_spec_metrics(suffix_server, msgs)
+    assert full_tokens == vanilla[0][0] and full.get("num_draft_tokens", 0) > 0
+    off_tokens, off = request_spec_metrics(suffix_server, msgs,
+                                           {"spec_plugins_max_draft_tokens": 0})
+    assert off_tokens == vanilla[0][0]
+    assert off.get("num_draft_tokens", 0) == 0 and off.get("num_accepted_draft_tokens", 0) == 0
+    capped_tokens, capped = request_spec_metrics(suffix_server, msgs,
+                                                 {"spec_plugins_max_draft_tokens": 2})
+    assert capped_tokens == vanilla[0][0]
+    assert 0 < capped["num_draft_tokens"] <= 2 * capped["num_spec_steps"]
+    assert not any(capped["acceptance_histogram"][3:]), "more than 2 drafts accepted in a step"
+    assert 0 < capped["num_accepted_draft_tokens"] <= capped["num_draft_tokens"]
+    with pytest.raises(openai.BadRequestError,
+                       match="vllm_xargs.spec_plugins_max_draft_tokens must be an integer >= 0"):
+        request_spec_metrics(suffix_server, msgs, {"spec_plugins_max_draft_tokens": -3})
 
 
 @pytest.mark.parametrize("spec,extra,expect", [

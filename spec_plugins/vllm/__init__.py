@@ -19,25 +19,36 @@ from spec_plugins.proposers import methods
 PREFIX = "spec_plugins.vllm."
 
 _registered: bool | None = None
+_unsupported: str | None = None   # why register() installed nothing
 
 
 def register() -> None:
     """Entry point: runs in every vLLM process, so it is idempotent and cheap. On an
     unsupported vLLM it registers nothing and logs why, once per process."""
-    global _registered
+    global _registered, _unsupported
     if _registered is not None:
         return
     from spec_plugins.vllm.version import logger, unsupported_reason
 
     reason = unsupported_reason()
     if reason is not None:
-        _registered = False
+        _registered, _unsupported = False, reason
         logger.warning(reason)
         return
     from spec_plugins.vllm import hooks
 
     hooks.install()
     _registered = True
+
+
+def hooks_missing_reason() -> str | None:
+    """None when this process has the hooks a spec_plugins drafter needs, else why not."""
+    if _registered:
+        return None
+    if _registered is None:
+        return ("the vllm.general_plugins entry point 'spec_plugins' was not loaded in this "
+                "process (is it excluded by VLLM_PLUGINS?)")
+    return _unsupported
 
 
 def __getattr__(name: str):

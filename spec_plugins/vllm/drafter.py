@@ -31,6 +31,7 @@ from spec_plugins.cost import StepTimer
 from spec_plugins.proposers import proposer_class
 from spec_plugins.guard import GuardedProposer
 from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
+from spec_plugins.request_controls import max_draft_tokens
 from spec_plugins.tree import DraftTree
 from spec_plugins.vllm import tree_step
 from spec_plugins.vllm.config import settings_from
@@ -70,6 +71,11 @@ class RequestInfo(NamedTuple):
     tree_ok: bool             # a branching tree can be verified for it
     temperature: float
     seed: int | None
+    max_draft: int | None     # the client's cap (vllm_xargs), 0: no speculation
+
+    @property
+    def never_drafted(self) -> bool:
+        return self.skip_reason is not None or self.max_draft == 0
 
 
 def model_info(vllm_config, model) -> ModelInfo:
@@ -92,6 +98,14 @@ class VllmDrafter:
     method: str = ""
 
     def __init__(self, vllm_config):
+        from spec_plugins.vllm import hooks_missing_reason
+
+        missing = hooks_missing_reason()
+        if missing is not None:
+            # Stop at start-up, not at the first step that drafts.
+            raise RuntimeError(f"spec_plugins method {self.method!r} cannot run here: "
+                               f"{missing}; serve without --speculative-config, or on a "
+                               "supported vLLM")
         settings = settings_from(vllm_config)
         assert settings is not None and settings.method == self.method
         self.k = settings.num_speculative_tokens
@@ -235,8 +249,9 @@ class VllmDrafter:
                 or (sp.repetition_penalty and sp.repetition_penalty != 1.0)
                 or sp.logprobs is not None or sp.bad_words or sp.min_tokens
                 or getattr(sp, "structured_outputs", None) is not None)
+            cap = max_draft_tokens(getattr(sp, "extra_args", None), "vllm_xargs")
             self._req_info[req_id] = RequestInfo(reason, seeded, tree_ok, temperature,
-                                                 sp.seed if seeded else None)
+                                                 sp.seed if seeded else None, cap)
             if reason and reason not in self._logged_reasons:
                 self._logged_reasons.add(reason)
                 logger.info("spec_plugins: requests with %s are served without speculation "
@@ -265,8 +280,8 @@ class VllmDrafter:
         for i, sampled in enumerate(sampled_token_ids):
             req_id = batch.req_ids[i]
             n = int(scheduler_output.num_scheduled_tokens.get(req_id, 0))
-            if n == 0 or self._classify(runner, req_id).skip_reason:
-                continue  # nothing computed, or never drafted for (min_p, logit_bias)
+            if n == 0 or self._classify(runner, req_id).never_drafted:
+                continue  # nothing computed, or never drafted for (min_p, logit_bias, cap 0)
             if not spec.get(req_id):
                 local = range(n)
             elif i in accepted_paths:
@@ -324,8 +339,10 @@ class VllmDrafter:
             if room <= 0:
                 continue
             info = self._classify(runner, req_id)
-            if info.skip_reason:
+            if info.never_drafted:
                 continue
+            if info.max_draft is not None:
+                room = min(room, info.max_draft)
             last = self._last_len.get(req_id)
             requests.append(DraftRequest(
                 req_id=req_id,

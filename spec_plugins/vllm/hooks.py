@@ -15,6 +15,8 @@ Front end (API server; validation before any engine starts):
 2. ``SamplingParams._validate_spec_decode``: vLLM rejects ``min_p`` and ``logit_bias``
    whenever speculation is on, because its rejection sampler does not apply them to draft
    positions. With a spec_plugins method such requests are served, never drafted for.
+   The per-request control (``vllm_xargs``: ``spec_plugins.request_controls``) is
+   validated here, where a bad request becomes an HTTP 400.
 
 Engine (model runner):
 
@@ -101,8 +103,11 @@ def install() -> None:
 
 def _install_frontend() -> None:
     from vllm.config import VllmConfig
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
 
+    from spec_plugins.options import OptionError
+    from spec_plugins.request_controls import MAX_DRAFT_KEY, max_draft_tokens
     from spec_plugins.vllm.config import is_ours, settings_from
 
     def make_post_init(orig):
@@ -114,7 +119,15 @@ def _install_frontend() -> None:
     def make_validate(orig):
         def _validate_spec_decode(self, speculative_config):
             if speculative_config is not None and is_ours(speculative_config):
-                return  # served without drafts for such requests: see drafter.py
+                # min_p / logit_bias: served without drafts (drafter.py). A bad
+                # per-request control is the client's error: HTTP 400 naming it.
+                try:
+                    max_draft_tokens(self.extra_args, "vllm_xargs")
+                except OptionError as e:
+                    raise VLLMValidationError(str(e), parameter="vllm_xargs." + MAX_DRAFT_KEY,
+                                              value=(self.extra_args or {}).get(MAX_DRAFT_KEY)
+                                              ) from None
+                return
             return orig(self, speculative_config)
         return _validate_spec_decode
 

@@ -59,6 +59,18 @@ def test_other_speculative_methods_are_untouched(tiny_model):
     assert cfg.speculative_config.method == "ngram"
 
 
+def test_per_request_control_is_validated_with_the_request(tiny_model):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    ours = engine_config(tiny_model, SUFFIX).speculative_config
+    SamplingParams(extra_args={"spec_plugins_max_draft_tokens": 0})._validate_spec_decode(ours)
+    bad = SamplingParams(extra_args={"spec_plugins_max_draft_tokens": "lots"})
+    with pytest.raises(VLLMValidationError,
+                       match="vllm_xargs.spec_plugins_max_draft_tokens must be an integer"):
+        bad._validate_spec_decode(ours)
+
+
 def test_min_p_is_accepted_only_with_our_methods(tiny_model):
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
@@ -100,6 +112,12 @@ def test_unsupported_version_registers_nothing(monkeypatch, caplog):
         from spec_plugins.vllm import hooks
 
         hooks.install()
+    # A server that still selects a method stops at start-up, when vLLM builds the
+    # drafter, instead of failing at its first drafting step.
+    monkeypatch.setattr(adapter, "_unsupported", lines[0])
+    with pytest.raises(RuntimeError, match="spec_plugins method 'suffix' cannot run here: "
+                                           "spec_plugins: vLLM 0.99.1 is not supported"):
+        adapter.suffix(SimpleNamespace())
 
 
 def test_method_classes_resolve_like_vllm_loads_them():
