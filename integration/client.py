@@ -7,11 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 from prompts import prompts
 
 MAX_TOKENS = 96
+# What SGLang needs in a request's extra_body to return the output's token ids.
+SGLANG_IDS = {"return_output_ids_in_sglext": True}
 CONVERSATIONS = prompts("code_edit", 4) + prompts("humaneval", 2) + prompts("chat", 2)
 
 
 def complete(url, messages, **kw):
-    """Token ids of one chat completion (``return_token_ids``)."""
+    """Token ids of one chat completion: vLLM returns them with ``return_token_ids``,
+    SGLang in ``sglext.output_ids`` when asked (``SGLANG_IDS``, through ``extra_body``)."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
@@ -20,7 +23,9 @@ def complete(url, messages, **kw):
                                        max_tokens=kw.pop("max_tokens", MAX_TOKENS),
                                        extra_body=extra, **kw)
     choice = r.choices[0]
-    return list(choice.token_ids or []) or choice.message.content
+    sgl = ((r.model_extra or {}).get("sglext") or {}).get("output_ids")
+    ids = getattr(choice, "token_ids", None) or (sgl[0] if sgl else None)
+    return list(ids) if ids else choice.message.content
 
 
 def run_all(url, conversations=CONVERSATIONS, **kw):
@@ -70,3 +75,19 @@ def check_aborts_leave_others_intact(url, vanilla) -> None:
 def banned_token(tokens):
     """The most frequent token of an output: banning it changes the output early."""
     return max(set(tokens), key=tokens.count)
+
+
+def sglang_complete(url, messages, **kw) -> tuple[list[int], dict]:
+    """One SGLang chat completion: output token ids and SGLang's per-request speculation
+    figures (``spec_accept_length``: output tokens per verify step,
+    ``spec_num_correct_drafts``, ``spec_verify_ct``; empty without speculation)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
+    r = client.chat.completions.create(
+        model="default", messages=messages, max_tokens=kw.pop("max_tokens", MAX_TOKENS),
+        extra_body={**SGLANG_IDS, "return_spec_tokens_details": True,
+                    **kw.pop("extra_body", {})}, **kw)
+    ext = (r.model_extra or {}).get("sglext") or {}
+    details = ext.get("spec_tokens_details") or {}
+    return ext["output_ids"][0], (details[0] if isinstance(details, list) else details)

@@ -25,3 +25,16 @@ def vanilla(default_model):
         ban = banned_token(batch1[0])
         biased = complete(url, CONVERSATIONS[0], temperature=0, logit_bias={str(ban): -100})
     return batch1, batch8, biased
+
+
+@pytest.fixture(scope="session")
+def sglang_vanilla(default_model):
+    """SGLang's own greedy outputs without speculation (batch 1, 8 concurrent), shared by
+    the SGLang end-to-end modules."""
+    from client import SGLANG_IDS, run_all
+    from sglang_server import SMALL_POOL, sglang_available, sglang_server
+
+    if sglang_available() is not None:
+        pytest.skip(sglang_available())
+    with sglang_server(default_model, SMALL_POOL) as url:
+        return run_all(url, extra_body=SGLANG_IDS)

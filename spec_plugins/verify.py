@@ -72,7 +72,8 @@ def verify_greedy_ids(tree: DraftTree, argmax: "np.ndarray | list[int]") -> Verd
         node = nxt
 
 
-def _sample(p: np.ndarray, rng: np.random.Generator) -> int:
+def sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from ``p`` (unnormalised weights)."""
     c = np.cumsum(p, dtype=np.float64)
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
@@ -112,6 +113,6 @@ def verify_stochastic(
                 # Can only happen through rounding when p was (nearly) one-hot on x.
                 p = target_probs[node + 1].copy()
         if nxt is None:
-            return Verdict(accepted, [tree.tokens[i] for i in accepted], _sample(p, rng))
+            return Verdict(accepted, [tree.tokens[i] for i in accepted], sample(p, rng))
         accepted.append(nxt)
         node = nxt

@@ -1,0 +1,142 @@
+"""Benchmark through SGLang: `sglang.launch_server` without speculation, with SGLang's own
+`NGRAM`, and with each spec_plugins method, on the vLLM benchmark's prompts, greedy, at
+batch 1 and 8 concurrent; optionally vLLM configurations on the same prompts in the same
+run (``--vllm-configs``), each engine compared to its own vanilla.
+
+Per configuration, category and concurrency: output tok/s, speedup over the engine's
+vanilla, mean acceptance length (SGLang: output tokens per verify step, from each
+response's ``spec_tokens_details``; vLLM: 1 + accepted / drafts) and the share of
+outputs identical to vanilla's (text).
+
+    python integration/bench_sglang.py --n 4 --max-tokens 128 --vllm-configs vanilla suffix-chain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_vllm  # noqa: E402
+from bench_report import print_tables, rows_of, totals_of, write_json, write_svg  # noqa: E402
+from prompts import CATEGORIES, prompts  # noqa: E402
+from sglang_server import sglang_server  # noqa: E402
+
+BASE = ["--max-running-requests", "8"]
+
+
+def spec(method: str, width: int, **options) -> tuple[list[str], dict]:
+    return (BASE + ["--speculative-algorithm", f"spec_plugins.{method}",
+                    "--speculative-num-draft-tokens", str(width)], options)
+
+
+CONFIGS: dict[str, tuple[list[str], dict | None]] = {
+    "vanilla": (BASE, None),
+    # SGLang's own n-gram drafter with its defaults.
+    "ngram": (BASE + ["--speculative-algorithm", "NGRAM"], None),
+    "suffix-chain": spec("suffix", 9, tree=False),
+    "suffix-tree": spec("suffix", 17, tree=True),
+    "recycling-chain": spec("recycling", 9, tree=False),
+    "recycling-tree": spec("recycling", 17, tree=True),
+}
+
+
+def one(client, messages, max_tokens):
+    """(text, output tokens, verify steps) of one greedy chat completion."""
+    r = client.chat.completions.create(model="default", messages=messages, temperature=0,
+                                       max_tokens=max_tokens,
+                                       extra_body={"return_spec_tokens_details": True})
+    details = ((r.model_extra or {}).get("sglext") or {}).get("spec_tokens_details") or {}
+    if isinstance(details, list):
+        details = details[0] if details else {}
+    return (r.choices[0].message.content, r.usage.completion_tokens,
+            int(details.get("spec_verify_ct", 0) or 0))
+
+
+def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
+    import openai
+
+    flags, options = CONFIGS[name]
+    env = {"SPEC_PLUGINS_OPTIONS": json.dumps(options)} if options is not None else {}
+    log = str(Path(log_dir or tempfile.mkdtemp(prefix="bench-")) / f"sglang-{name}.log")
+    results = {}
+    with sglang_server(model, flags, env=env, log_path=log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200)
+        one(client, [{"role": "user", "content": "Hello!"}], 16)    # warm-up
+        for cat in cats:
+            for j, conc in enumerate(concurrencies):
+                convs = prompts(cat, n, start=j * n)
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(conc) as pool:
+                    outs = list(pool.map(lambda c: one(client, c, max_tokens), convs))
+                dt = time.perf_counter() - t0
+                tokens = sum(o[1] for o in outs)
+                verifies = sum(o[2] for o in outs)
+                results[(cat, conc)] = {
+                    "tokens": tokens, "seconds": dt, "tok_s": tokens / dt,
+                    "mal": tokens / verifies if verifies and name != "vanilla" else None,
+                    "outputs": [o[0] for o in outs]}
+                print(f"  sglang {name:15s} {cat:10s} c={conc}: {tokens / dt:.1f} tok/s",
+                      file=sys.stderr, flush=True)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--vllm-configs", nargs="*", default=[], choices=list(bench_vllm.CONFIGS),
+                    help="vLLM configurations on the same prompts in the same run")
+    ap.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
+    ap.add_argument("--n", type=int, default=8, help="prompts per category")
+    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--json", default=None, help="write all figures here")
+    ap.add_argument("--svg", default=None, help="write a plot here")
+    ap.add_argument("--log-dir", default=None, help="keep each server's log here")
+    a = ap.parse_args()
+    if a.model is None:
+        from spec_plugins.default_model import build
+
+        a.model = str(build())
+    if "vanilla" not in a.configs:
+        a.configs.insert(0, "vanilla")
+    if a.vllm_configs and "vanilla" not in a.vllm_configs:
+        a.vllm_configs.insert(0, "vanilla")
+    if a.log_dir:
+        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    res = {}
+    for c in a.configs:
+        res[c] = run_config(c, a.model, a.categories, a.n, a.max_tokens, a.concurrency,
+                            a.log_dir)
+    vllm = [f"vllm:{c}" for c in a.vllm_configs]
+    drafter = None
+    for c in a.vllm_configs:
+        if drafter is None:
+            from spec_plugins.proposers.dflash import default_drafter_dir
+
+            drafter = str(default_drafter_dir(a.model))
+        res[f"vllm:{c}"], _ = bench_vllm.run_config(c, a.model, a.categories, a.n,
+                                                    a.max_tokens, a.concurrency, a.log_dir,
+                                                    drafter)
+    print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
+          f"max_tokens {a.max_tokens}; SGLang configs vs SGLang vanilla"
+          + (", vllm: configs vs vLLM vanilla" if vllm else "") + "\n")
+    rows = rows_of(res, a.configs) + (rows_of(res, vllm, "vllm:vanilla") if vllm else [])
+    totals = totals_of(res, a.configs, a.categories, a.concurrency) + (
+        totals_of(res, vllm, a.categories, a.concurrency, "vllm:vanilla") if vllm else [])
+    print_tables(rows, totals, res, a.configs + vllm)
+    if a.json:
+        write_json(a.json, rows, totals)
+    if a.svg:
+        write_svg(a.svg, rows, f"SGLang (and vLLM), {Path(a.model).name}: tok/s per method")
+
+
+if __name__ == "__main__":
+    main()
