@@ -10,17 +10,21 @@ their distributions for sampled ones, adaptive block length) is ``blockdraft.py`
 The drafter's context K/V is its own per-request state: it grows by the hidden states the
 adapter hands over for every committed token (prefill chunks, then per step the accepted
 tokens); a request that leaves the engine (finished, aborted, preempted) drops it, and a
-resumed request rebuilds it from its recomputed prefill. Tokens served from the prefix
-cache have no hidden states: the context then lacks them (drafts get worse, outputs do
-not change).
+resumed request rebuilds it from its recomputed prefill. Tokens an engine serves from
+its prefix cache have no hidden states (the target did not run on them): the drafter
+keeps the context K/V of recent prompts (:class:`PromptContextCache`) and gives such a
+request the cached rows of the same prefix; without a match the context lacks them
+(drafts get worse, outputs do not change).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from spec_plugins.options import OptionError, opt
@@ -50,6 +54,42 @@ class _State(BlockState):
         super().__init__(adl)
         self.context = context      # DFlashContext: the drafter's K/V of the committed tokens
         self.end = 0                # position after the last context token
+        self.cached = False         # its prompt's context is in the PromptContextCache
+
+
+class PromptContextCache:
+    """Context K/V ``[L, n, nkv, hd]`` of recent prompts, least recently used first out,
+    at most ``max_tokens`` rows in all: what a request whose prompt prefix the engine
+    served from its prefix cache (positions ``0..p0-1`` without hidden states) needs."""
+
+    def __init__(self, max_tokens: int = 16384):
+        self.max_tokens = max_tokens
+        self.entries: OrderedDict[int, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = (
+            OrderedDict())
+        self.tokens = 0
+
+    def store(self, tokens: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = len(tokens)
+        if n == 0 or n > self.max_tokens:
+            return
+        key = hash(tokens.tobytes())
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        self.entries[key] = (tokens.copy(), k.clone(), v.clone())
+        self.tokens += n
+        while self.tokens > self.max_tokens:
+            _, (old, _, _) = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+    def lookup(self, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K/V of ``tokens`` (a prefix of some stored prompt), or None."""
+        n = len(tokens)
+        for key, (stored, k, v) in reversed(self.entries.items()):
+            if len(stored) >= n and np.array_equal(stored[:n], tokens):
+                self.entries.move_to_end(key)
+                return k[:, :n], v[:, :n]
+        return None
 
 
 class DFlashProposer(BlockProposer):
@@ -92,6 +132,7 @@ class DFlashProposer(BlockProposer):
                               f"vocabulary, the served model {model.vocab_size}")
         self._set_max_block(max(int(c.block_size) - 1, 1))
         self.model = drafter.eval()
+        self.prompt_cache = PromptContextCache()
         self.hidden_layers = layers
         self.logger.info("spec_plugins: dflash drafter %s: %s; blocks of %d-%d positions, "
                          "target layers %s", path, drafter.describe(), o.min_block,
@@ -103,10 +144,24 @@ class DFlashProposer(BlockProposer):
     def _update(self, st: _State, req: DraftRequest, states) -> _State:
         if states is None or not len(states.positions):
             return st
-        if int(states.positions[0]) < st.end:
+        p0 = int(states.positions[0])
+        if p0 < st.end:
             st = self._new_state(req)   # recomputed from an earlier position: start over
+        if st.end == 0 and p0 > 0:
+            # The engine served positions 0..p0-1 from its prefix cache.
+            hit = self.prompt_cache.lookup(np.asarray(req.token_ids[:p0]))
+            if hit is not None:
+                st.context.append_kv(*hit)
+                st.end = p0
         st.context.append(states.states, states.positions.to(st.context.k.device))
         st.end = int(states.positions[-1]) + 1
+        if not st.cached and len(st.context) == st.end >= req.num_prompt_tokens:
+            # A whole prompt from position 0: keep it for requests that share a prefix.
+            st.cached = True
+            n = req.num_prompt_tokens
+            ctx = st.context
+            self.prompt_cache.store(np.asarray(req.token_ids[:n]),
+                                    ctx.k[:, :, :n].transpose(1, 2), ctx.v[:, :, :n].transpose(1, 2))
         return st
 
     def _can_draft(self, st: _State) -> bool:

@@ -232,3 +232,24 @@ def test_auto_dtype_is_bf16_only_for_fp32_targets_on_cpus_with_native_bf16(monke
         assert models.drafter_dtype("auto", torch.float16, cpu) == torch.float16
         assert models.drafter_dtype("float32", torch.float32, cpu) == torch.float32
         assert models.drafter_dtype("auto", torch.float32, torch.device("meta")) == torch.float32
+
+
+def test_prompt_served_from_the_engines_prefix_cache_gets_the_cached_context(checkpoint):
+    """Request b shares a's first 6 prompt tokens, which the engine served from its
+    prefix cache (b's hidden states start at position 6): b drafts as if it had them."""
+    s = states(range(9))
+    toks = np.arange(3, 13) % V                        # 10 tokens, the 10th is sampled
+    a = DraftRequest("a", toks, 9, [int(toks[-1])], 8)
+    b = DraftRequest("b", toks, 9, [int(toks[-1])], 8)
+    whole = proposer(checkpoint, tree=False, adaptive=False, budget=False)
+    (want,) = whole.propose([b], StepContext(hidden_states=[s]))
+    p = proposer(checkpoint, tree=False, adaptive=False, budget=False)
+    p.propose([a], StepContext(hidden_states=[s]))
+    rest = CommittedStates(s.positions[6:], s.states[6:])
+    (got,) = p.propose([b], StepContext(hidden_states=[rest]))
+    assert got.tokens == want.tokens
+    # Without a stored prompt of that prefix the context just lacks those positions.
+    cold = proposer(checkpoint, tree=False, adaptive=False, budget=False)
+    (lacking,) = cold.propose([b], StepContext(hidden_states=[rest]))
+    assert len(cold._requests["b"].context) == 3
+    assert len(p._requests["b"].context) == 9
