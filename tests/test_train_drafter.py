@@ -115,7 +115,7 @@ def test_tiny_training_end_to_end(tiny_target, tmp_path, monkeypatch):
     b = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     # ... and another seed does not.
-    r4 = _run(model, corpus, tmp_path / "other", steps=12, seed=1)
+    _run(model, corpus, tmp_path / "other", steps=12, seed=1)
     c = load_file(str(tmp_path / "other" / "model.safetensors"))
     assert not all(torch.equal(a[n], c[n]) for n in a if n in c)
 

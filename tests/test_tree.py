@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from spec_plugins.tree import DraftTree

@@ -187,7 +187,6 @@ class SpecPluginsWorker(BaseSpecWorker):
     def _decode(self, batch, on_publish) -> GenerationBatchResult:
         reqs = batch.reqs
         bs, N = len(reqs), self.speculative_num_draft_tokens
-        seq_lens_cpu = batch.seq_lens.cpu().tolist()
         trees, roots = self._draft(batch)
         step = layout(roots, trees)
         n = step.width

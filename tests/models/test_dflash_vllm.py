@@ -6,7 +6,6 @@
    (replayed from what vLLM's ``DFlashProposer.propose`` received at every step).
 """
 
-import json
 import os
 
 import pytest

@@ -189,7 +189,7 @@ def test_tree_beats_or_equals_the_chain_and_one_branch_is_the_chain(seed):
     opts = {"max_spec_factor": 4.0, "min_token_prob": 0.01}
     reqs = random_requests(seed)
     trees = SuffixProposer({"tree": True, **opts}).propose(reqs, StepContext())
-    chains = SuffixProposer({"tree": True, **opts, "tree": False}).propose(reqs, StepContext())
+    chains = SuffixProposer({**opts, "tree": False}).propose(reqs, StepContext())
     narrow = SuffixProposer({"tree": True, **opts, "max_branches": 1}).propose(reqs, StepContext())
     for r, tree, chain, one in zip(reqs, trees, chains, narrow):
         check_tree(tree, r.max_draft_tokens)
