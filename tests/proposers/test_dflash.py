@@ -11,7 +11,7 @@ from spec_plugins.models.dflash import DFlashConfig, DFlashDrafter
 from spec_plugins.options import OptionError
 from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
 from spec_plugins.proposers.dflash import DFlashProposer
-from spec_plugins.verify import verify_greedy
+from toy_target import verify_on_table
 
 V, H, HT, NL = 97, 32, 24, 6          # vocab, draft hidden, target hidden, target layers
 LAYERS = [1, 3, 4]
@@ -173,10 +173,7 @@ def test_greedy_speculation_with_dflash_equals_greedy_decoding(checkpoint):
         req = DraftRequest("r", np.array(seq), 3, [seq[-1]], 8, num_accepted=accepted)
         (tree,) = p.propose([req], StepContext(hidden_states=[s]))
         states_from = len(seq) - 1
-        logits = np.full((len(tree) + 1, V), -1.0)
-        for row, tok in enumerate([seq[-1]] + tree.tokens):
-            logits[row, table[tok]] = 1.0
-        v = verify_greedy(tree, logits)
+        v = verify_on_table(tree, seq[-1], table)
         seq += v.emitted
         accepted = v.num_accepted
     assert seq[:40] == plain

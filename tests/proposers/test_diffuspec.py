@@ -17,17 +17,14 @@ if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
 from spec_plugins.options import OptionError  # noqa: E402
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, StepContext  # noqa: E402
 from spec_plugins.proposers.diffuspec import DiffuSpecProposer  # noqa: E402
-from spec_plugins.verify import verify_greedy  # noqa: E402
+from toy_target import verify_on_table  # noqa: E402
 
 V, CANVAS = 256, 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +81,7 @@ def test_greedy_speculation_equals_greedy_decoding(checkpoint, opts):
         (tree,) = p.propose([req], StepContext())
         tree.validate(V)
         assert opts.get("tree", True) or tree.is_chain
-        logits = np.full((len(tree) + 1, V), -1.0)
-        for row, tok in enumerate([seq[-1]] + tree.tokens):
-            logits[row, table[tok]] = 1.0
-        v = verify_greedy(tree, logits)
+        v = verify_on_table(tree, seq[-1], table)
         seq += v.emitted
         accepted = v.num_accepted
         sizes.append(max(tree.depths(), default=0))
