@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vllm_server import ServerURL  # plain helpers: imports no engine
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
 # Test servers: at most 8 requests at once (the CPU platform sizes the KV cache).
@@ -110,7 +112,7 @@ def sglang_server(model: str, extra: list[str] = (), env: dict[str, str] | None 
                 raise TimeoutError(f"SGLang server not ready after {timeout}s "
                                    f"(log {log_path}):\n{tail(log_path)}")
             time.sleep(1)
-        yield url
+        yield ServerURL(url, proc.pid)
     finally:
         _stop(proc)
         log.close()

@@ -79,8 +79,14 @@ def test_full_depth_drafts_with_preemption_equal_vanilla(vanilla, default_model)
         preempted = counter(url, "vllm:num_preemptions_total")
         m = spec_metrics(url)
     assert preempted > 0, "the cache was large enough: nothing was preempted"
-    assert m["num_accepted_tokens"] == m["num_draft_tokens"] > 100, m
     assert_outputs_equal(vanilla[1], outs, "full-depth drafts after preemption")
+    # Nearly every full-depth draft is accepted. Not all: a fresh-clone CI run on a busy
+    # machine saw 318 of 322 (where this machine, quiet, accepts all): preemption
+    # reshuffles the batch step by step, the eager per-layer draft and the fused verify
+    # then run different batch shapes, and a near-tie argmax can flip. Without
+    # preemption every draft must be accepted (test_layerskip_greedy_outputs_equal_vanilla).
+    assert m["num_draft_tokens"] > 100
+    assert m["num_accepted_tokens"] >= 0.97 * m["num_draft_tokens"], m
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def vllm_server(model: str, speculative_config: dict | None = None,
             if time.time() > deadline:
                 raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{tail(log.name)}")
             time.sleep(1)
-        yield url
+        yield ServerURL(url, proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -112,6 +112,33 @@ def vllm_server(model: str, speculative_config: dict | None = None,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+class ServerURL(str):
+    """A server's base URL that also knows its launcher's pid (= its process group)."""
+
+    def __new__(cls, url: str, pid: int):
+        self = super().__new__(cls, url)
+        self.pid = pid
+        return self
+
+
+def process_group_rss(pgid: int) -> int:
+    """Resident memory (bytes) of every process in process group ``pgid``."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (d / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def run_to_exit(model: str, speculative_config=None, additional_config=None,

@@ -1,0 +1,207 @@
+"""Load and fault suite: many concurrent clients with a mixed, bursty load against a real
+server per configuration, vanilla first, with a KV cache small enough to force
+preemption; every deterministic output must equal vanilla's.
+
+The mix (seeded, the same for every configuration): greedy; greedy with a stop string;
+greedy with logprobs; greedy JSON-schema structured output; greedy with a long prompt
+near ``max_model_len``; greedy with frequency/presence penalties; seeded sampling; seeded
+sampling with ``n=2``; and streamed requests the client abandons mid-flight (the server
+aborts them). Per configuration: requests, errors (and which), lost requests, greedy
+outputs identical to vanilla's, p50/p99 latency, output tok/s, whether the server is
+healthy afterwards and its memory back at the level it had after warm-up.
+
+    python integration/load_suite.py                               # vanilla + suffix tree, 64 clients
+    python integration/load_suite.py --configs vanilla suffix-chain recycling-tree dflash-tree
+    python integration/load_suite.py --clients 16 --requests 48    # the CI slice's size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_vllm import CONFIGS, with_drafter  # noqa: E402
+from prompts import prompts  # noqa: E402
+from vllm_server import process_group_rss, vllm_server  # noqa: E402
+
+MAX_MODEL_LEN = 2048
+# Deterministic kinds: their outputs must equal vanilla's.
+GREEDY_KINDS = ("greedy", "stop", "logprobs", "json", "long", "penalties")
+KINDS = GREEDY_KINDS + ("sampled", "sampled_n2", "abandoned")
+JSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
+                                                "year": {"type": "integer"}},
+               "required": ["name", "year"]}
+
+
+def request_mix(n: int, seed: int = 0) -> list[dict]:
+    """``n`` requests of every kind in turn, over the benchmark's prompt categories."""
+    rng = random.Random(seed)
+    pool = prompts("code_edit", 8) + prompts("humaneval", 8) + prompts("chat", 8)
+    long_text = " ".join(m["content"] for c in prompts("code_edit", 8) for m in c)
+    out = []
+    for i in range(n):
+        kind = KINDS[i % len(KINDS)]
+        messages = pool[rng.randrange(len(pool))]
+        req: dict = {"kind": kind, "messages": messages, "max_tokens": 64}
+        if kind == "stop":
+            req["stop"] = ["\n\n"]
+        elif kind == "logprobs":
+            req.update(logprobs=True, top_logprobs=3)
+        elif kind == "json":
+            req["messages"] = [{"role": "user", "content": "Give a famous person's name and "
+                                                           "birth year as JSON."}]
+            req["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "person", "schema": JSON_SCHEMA}}
+        elif kind == "long":
+            # About 1700 tokens of prompt: near max_model_len with the output.
+            req["messages"] = [{"role": "user", "content": long_text[:6000] +
+                                "\n\nSummarise the code above."}]
+        elif kind == "penalties":
+            req.update(frequency_penalty=0.5, presence_penalty=0.3)
+        elif kind in ("sampled", "sampled_n2"):
+            req.update(temperature=0.8, seed=1000 + i)
+            if kind == "sampled_n2":
+                req["n"] = 2
+        elif kind == "abandoned":
+            req["abandon_after"] = 2 + rng.randrange(6)
+        out.append(req)
+    return out
+
+
+def send(client, req: dict) -> dict:
+    kind = req["kind"]
+    kw = {k: v for k, v in req.items() if k not in ("kind", "messages", "abandon_after")}
+    kw.setdefault("temperature", 0)
+    t0 = time.perf_counter()
+    try:
+        if kind == "abandoned":
+            stream = client.chat.completions.create(model="default", messages=req["messages"],
+                                                    stream=True, **kw)
+            for k, _ in enumerate(stream):
+                if k + 1 >= req["abandon_after"]:
+                    break
+            stream.close()
+            return {"kind": kind, "ok": True, "seconds": time.perf_counter() - t0,
+                    "tokens": 0, "output": None}
+        r = client.chat.completions.create(model="default", messages=req["messages"], **kw)
+        outputs = [c.message.content for c in r.choices]
+        return {"kind": kind, "ok": True, "seconds": time.perf_counter() - t0,
+                "tokens": r.usage.completion_tokens, "output": outputs}
+    except Exception as e:  # noqa: BLE001 - every failure is a finding
+        return {"kind": kind, "ok": False, "seconds": time.perf_counter() - t0,
+                "tokens": 0, "output": None, "error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: str,
+               drafter: str, log_dir: str | None) -> dict:
+    import openai
+
+    spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
+    flags = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", kv_bytes,
+             "--max-num-seqs", str(clients)]
+    log = str(Path(log_dir) / f"load-{name}.log") if log_dir else None
+    with vllm_server(model, spec, extra, extra=flags, log_path=log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1800,
+                               max_retries=0)
+        send(client, {"kind": "greedy", "messages": mix[0]["messages"], "max_tokens": 8})
+        rss0 = process_group_rss(url.pid)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda r: send(client, r), mix))
+        wall = time.perf_counter() - t0
+        time.sleep(5)   # let aborted requests drain
+        alive = healthy(url)
+        rss1 = process_group_rss(url.pid)
+    lat = sorted(r["seconds"] for r in results if r["ok"] and r["kind"] != "abandoned")
+    return {"results": results, "wall": wall, "healthy": alive, "rss_before": rss0,
+            "rss_after": rss1,
+            "p50": statistics.median(lat) if lat else None,
+            "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "tok_s": sum(r["tokens"] for r in results) / wall}
+
+
+def report(res: dict, configs: list[str]) -> list[str]:
+    """Print the table; return the problems found (empty: the suite passes)."""
+    base = res["vanilla"]["results"]
+    problems = []
+    print("| config | requests | errors | greedy identical | p50 s | p99 s | tok/s | healthy | "
+          "memory after / before |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in configs:
+        r = res[c]
+        errors = [x for x in r["results"] if not x["ok"]]
+        pairs = [(x, v) for x, v in zip(r["results"], base)
+                 if x["kind"] in GREEDY_KINDS and x["ok"] and v["ok"]]
+        same = sum(x["output"] == v["output"] for x, v in pairs)
+        mem = r["rss_after"] / max(r["rss_before"], 1)
+        print(f"| {c} | {len(r['results'])} | {len(errors)} | {same}/{len(pairs)} | "
+              f"{r['p50']:.2f} | {r['p99']:.2f} | {r['tok_s']:.1f} | {r['healthy']} | "
+              f"{mem:.3f} |")
+        vanilla_ok = {i for i, v in enumerate(base) if v["ok"]}
+        lost = [i for i, x in enumerate(r["results"]) if i in vanilla_ok and not x["ok"]]
+        if lost:
+            problems.append(f"{c}: {len(lost)} requests failed that vanilla answered, e.g. "
+                            f"{r['results'][lost[0]].get('error')}")
+        if same != len(pairs):
+            problems.append(f"{c}: {len(pairs) - same} greedy outputs differ from vanilla's")
+        if not r["healthy"]:
+            problems.append(f"{c}: server unhealthy after the load")
+        if mem > 1.10:
+            problems.append(f"{c}: memory {mem:.2f}x its level after warm-up")
+    return problems
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--configs", nargs="+", default=["vanilla", "suffix-tree"],
+                    choices=list(CONFIGS))
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=192)
+    ap.add_argument("--kv-bytes", default="96M", help="KV cache (small: forces preemption)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--log-dir", default=None)
+    a = ap.parse_args()
+    if a.model is None:
+        from spec_plugins.default_model import build
+
+        a.model = str(build())
+    from spec_plugins.proposers.dflash import default_drafter_dir
+
+    drafter = str(default_drafter_dir(a.model))
+    if "vanilla" not in a.configs:
+        a.configs.insert(0, "vanilla")
+    mix = request_mix(a.requests)
+    res = {}
+    for c in a.configs:
+        res[c] = run_config(c, a.model, mix, a.clients, a.kv_bytes, drafter, a.log_dir)
+        print(f"  {c}: {sum(not x['ok'] for x in res[c]['results'])} errors, "
+              f"{res[c]['wall']:.0f} s", file=sys.stderr, flush=True)
+    problems = report(res, a.configs)
+    if a.json:
+        Path(a.json).write_text(json.dumps({c: {k: v for k, v in r.items() if k != "results"}
+                                            for c, r in res.items()}, indent=1))
+    for p in problems:
+        print("PROBLEM:", p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
