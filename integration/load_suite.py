@@ -12,7 +12,7 @@ healthy afterwards and its memory back at the level it had after warm-up.
 
     python integration/load_suite.py                               # vanilla + suffix tree, 64 clients
     python integration/load_suite.py --configs vanilla suffix-chain recycling-tree dflash-tree
-    python integration/load_suite.py --clients 16 --requests 48    # the CI slice's size
+    python integration/load_suite.py --clients 12 --requests 36 --kv-bytes 112M   # small
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def main() -> int:
                     choices=list(CONFIGS))
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=192)
-    ap.add_argument("--kv-bytes", default="96M", help="KV cache (small: forces preemption)")
+    ap.add_argument("--kv-bytes", default="160M", help="KV cache (small: forces preemption; "
+                    "at least one max_model_len sequence, ~95 MB for the default model)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--log-dir", default=None)
     a = ap.parse_args()
@@ -188,6 +189,8 @@ def main() -> int:
     drafter = str(default_drafter_dir(a.model))
     if "vanilla" not in a.configs:
         a.configs.insert(0, "vanilla")
+    if a.log_dir:
+        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
     mix = request_mix(a.requests)
     res = {}
     for c in a.configs:
