@@ -13,6 +13,7 @@ healthy afterwards and its memory back at the level it had after warm-up.
     python integration/load_suite.py                               # vanilla + suffix tree, 64 clients
     python integration/load_suite.py --configs vanilla suffix-chain recycling-tree dflash-tree
     python integration/load_suite.py --clients 12 --requests 36 --kv-bytes 112M   # small
+    python integration/load_suite.py --engine sglang --configs vanilla suffix-tree recycling-tree
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_vllm import CONFIGS, with_drafter  # noqa: E402
 from prompts import prompts  # noqa: E402
-from vllm_server import process_group_rss, vllm_server  # noqa: E402
+from vllm_server import counter, process_group_rss, vllm_server  # noqa: E402
 
 MAX_MODEL_LEN = 2048
 # Deterministic kinds: their outputs must equal vanilla's.
@@ -109,19 +110,53 @@ def healthy(url: str) -> bool:
         return False
 
 
+def vllm_engine(name: str, model: str, clients: int, kv: str, drafter: str, log: str | None):
+    """A vLLM server for configuration ``name`` (bench_vllm's) with ``kv`` bytes of KV cache."""
+    spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
+    flags = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", kv,
+             "--max-num-seqs", str(clients)]
+    return vllm_server(model, spec, extra, extra=flags, log_path=log)
+
+
+def sglang_engine(name: str, model: str, clients: int, kv: str, drafter: str, log: str | None):
+    """An SGLang server for configuration ``name`` (bench_sglang's) with ``kv`` tokens of
+    KV pool."""
+    from bench_sglang import CONFIGS as SGLANG_CONFIGS
+    from sglang_server import sglang_server
+
+    args, options = SGLANG_CONFIGS[name]
+    args = [a for a in args]
+    i = args.index("--max-running-requests")
+    args[i + 1] = str(clients)
+    # SGLang admits a request only with room for its whole output by default; a low
+    # conservativeness admits more, so that decoding runs out of KV and retracts some.
+    args += ["--context-length", str(MAX_MODEL_LEN), "--max-total-tokens", kv,
+             "--schedule-conservativeness", "0.05", "--enable-metrics"]
+    env = {"SPEC_PLUGINS_OPTIONS": json.dumps(options)} if options else None
+    return sglang_server(model, args, env=env, log_path=log)
+
+
+# Per engine: the server, its preemption counter, its configurations, the default KV size.
+ENGINES = {
+    "vllm": (vllm_engine, "vllm:num_preemptions_total", list(CONFIGS), "160M"),
+    "sglang": (sglang_engine, "sglang:num_retracted_requests_total",
+               ["vanilla", "ngram", "suffix-chain", "suffix-tree", "recycling-chain",
+                "recycling-tree"], "2600"),
+}
+
+
 def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: str,
-               drafter: str, log_dir: str | None) -> dict:
+               drafter: str, log_dir: str | None, engine: str = "vllm") -> dict:
     import openai
 
-    spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
-    flags = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", kv_bytes,
-             "--max-num-seqs", str(clients)]
-    log = str(Path(log_dir) / f"load-{name}.log") if log_dir else None
-    with vllm_server(model, spec, extra, extra=flags, log_path=log) as url:
+    server, preemption_counter, _, _ = ENGINES[engine]
+    log = str(Path(log_dir) / f"load-{engine}-{name}.log") if log_dir else None
+    with server(name, model, clients, kv_bytes, drafter, log) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1800,
                                max_retries=0)
         send(client, {"kind": "greedy", "messages": mix[0]["messages"], "max_tokens": 8})
         rss0 = process_group_rss(url.pid)
+        pre0 = counter(url, preemption_counter)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(lambda r: send(client, r), mix))
@@ -129,9 +164,10 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
         time.sleep(5)   # let aborted requests drain
         alive = healthy(url)
         rss1 = process_group_rss(url.pid)
+        preempted = counter(url, preemption_counter) - pre0 if alive else None
     lat = sorted(r["seconds"] for r in results if r["ok"] and r["kind"] != "abandoned")
     return {"results": results, "wall": wall, "healthy": alive, "rss_before": rss0,
-            "rss_after": rss1,
+            "rss_after": rss1, "preemptions": preempted,
             "p50": statistics.median(lat) if lat else None,
             "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
             "tok_s": sum(r["tokens"] for r in results) / wall}
@@ -141,9 +177,9 @@ def report(res: dict, configs: list[str]) -> list[str]:
     """Print the table; return the problems found (empty: the suite passes)."""
     base = res["vanilla"]["results"]
     problems = []
-    print("| config | requests | errors | greedy identical | p50 s | p99 s | tok/s | healthy | "
-          "memory after / before |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | requests | errors | greedy identical | p50 s | p99 s | tok/s | preemptions "
+          "| healthy | memory after / before |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         r = res[c]
         errors = [x for x in r["results"] if not x["ok"]]
@@ -152,15 +188,19 @@ def report(res: dict, configs: list[str]) -> list[str]:
         same = sum(x["output"] == v["output"] for x, v in pairs)
         mem = r["rss_after"] / max(r["rss_before"], 1)
         print(f"| {c} | {len(r['results'])} | {len(errors)} | {same}/{len(pairs)} | "
-              f"{r['p50']:.2f} | {r['p99']:.2f} | {r['tok_s']:.1f} | {r['healthy']} | "
-              f"{mem:.3f} |")
+              f"{r['p50']:.2f} | {r['p99']:.2f} | {r['tok_s']:.1f} | {r['preemptions']} | "
+              f"{r['healthy']} | {mem:.3f} |")
+        if not r["preemptions"]:
+            problems.append(f"{c}: no request was preempted (a smaller --kv-bytes tests more)")
         vanilla_ok = {i for i, v in enumerate(base) if v["ok"]}
         lost = [i for i, x in enumerate(r["results"]) if i in vanilla_ok and not x["ok"]]
         if lost:
             problems.append(f"{c}: {len(lost)} requests failed that vanilla answered, e.g. "
                             f"{r['results'][lost[0]].get('error')}")
         if same != len(pairs):
-            problems.append(f"{c}: {len(pairs) - same} greedy outputs differ from vanilla's")
+            kinds = sorted({x["kind"] for x, v in pairs if x["output"] != v["output"]})
+            problems.append(f"{c}: {len(pairs) - same} greedy outputs differ from vanilla's "
+                            f"(kinds: {', '.join(kinds)})")
         if not r["healthy"]:
             problems.append(f"{c}: server unhealthy after the load")
         if mem > 1.10:
@@ -171,15 +211,22 @@ def report(res: dict, configs: list[str]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
+    ap.add_argument("--engine", choices=list(ENGINES), default="vllm")
     ap.add_argument("--configs", nargs="+", default=["vanilla", "suffix-tree"],
-                    choices=list(CONFIGS))
+                    help="configurations: bench_vllm.py's (vLLM) or bench_sglang.py's (SGLang)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=192)
-    ap.add_argument("--kv-bytes", default="160M", help="KV cache (small: forces preemption; "
-                    "at least one max_model_len sequence, ~95 MB for the default model)")
+    ap.add_argument("--kv-bytes", default=None, help="KV cache, small to force preemption: "
+                    "vLLM bytes (default 160M; at least one max_model_len sequence, ~95 MB for "
+                    "the default model), SGLang tokens (default 2600)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--log-dir", default=None)
     a = ap.parse_args()
+    _, _, allowed, default_kv = ENGINES[a.engine]
+    bad = [c for c in a.configs if c not in allowed]
+    if bad:
+        ap.error(f"--configs {bad} unknown for {a.engine}; allowed: {', '.join(allowed)}")
+    a.kv_bytes = a.kv_bytes or default_kv
     if a.model is None:
         from spec_plugins.default_model import build
 
@@ -194,13 +241,13 @@ def main() -> int:
     mix = request_mix(a.requests)
     res = {}
     for c in a.configs:
-        res[c] = run_config(c, a.model, mix, a.clients, a.kv_bytes, drafter, a.log_dir)
+        res[c] = run_config(c, a.model, mix, a.clients, a.kv_bytes, drafter, a.log_dir,
+                            a.engine)
         print(f"  {c}: {sum(not x['ok'] for x in res[c]['results'])} errors, "
               f"{res[c]['wall']:.0f} s", file=sys.stderr, flush=True)
     problems = report(res, a.configs)
     if a.json:
-        Path(a.json).write_text(json.dumps({c: {k: v for k, v in r.items() if k != "results"}
-                                            for c, r in res.items()}, indent=1))
+        Path(a.json).write_text(json.dumps(res, indent=1))
     for p in problems:
         print("PROBLEM:", p)
     return 1 if problems else 0

@@ -73,3 +73,18 @@ def prompts(category: str, n: int, start: int = 0) -> list[list[dict]]:
 
 
 CATEGORIES = ("humaneval", "code_edit", "chat")
+
+
+def all_user_prompts() -> list[str]:
+    """Every user message any benchmark category can produce (for decontaminating training
+    data: ``spec-plugins-train-drafter --exclude-prompts``)."""
+    n = {"humaneval": len(humaneval()), "code_edit": len(humaneval()) * len(EDITS),
+         "chat": len(CHAT)}
+    return sorted({m[-1]["content"] for c in CATEGORIES for m in prompts(c, n[c])})
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["--dump"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python integration/prompts.py --dump FILE.json")
+    Path(sys.argv[2]).write_text(json.dumps(all_user_prompts(), indent=0))

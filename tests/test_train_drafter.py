@@ -153,3 +153,62 @@ def test_truncated_forward_gives_the_full_models_hidden_states(tiny_target):
     assert len(m.model.layers) == 4  # restored
     with pytest.raises(ValueError):
         td._hidden_states(m, ids, att, 3)
+
+
+def test_corpus_sources_and_bad_names(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("x")
+    assert td.corpus_sources("local,self", 100) == [("local", 50), ("self", 50)]
+    assert td.corpus_sources(f"local:30,{f}", 100) == [("local", 30), (str(f), 50)]
+    with pytest.raises(ValueError, match="allowed: local, self"):
+        td.corpus_sources("locl", 10)
+    with pytest.raises(ValueError, match="no source"):
+        td.corpus_sources(" , ", 10)
+
+
+def test_decontaminator_drops_benchmark_like_prompts(tmp_path):
+    bench = ["Why do cats purr?", "Complete this Python function.\n\ndef add(a, b):\n"
+             "    \"\"\"Return the sum of a and b, checking both are integers first.\"\"\""]
+    f = tmp_path / "ex.json"
+    f.write_text(json.dumps(bench))
+    drop = td.Decontaminator.from_file(str(f))
+    assert drop("why do CATS purr??") and drop("Why do cats purr so loudly?")
+    assert drop("Please write: Return the sum of a and b, checking both are integers first.")
+    assert not drop("Why do dogs bark at night?") and not drop("How does a hash table work?")
+    f.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="JSON list of strings"):
+        td.Decontaminator.from_file(str(f))
+
+
+def test_self_prompts_are_user_turns_sampled_from_the_target(tiny_target):
+    """Magpie: the target continues its chat template from the start of a user turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, _ = tiny_target
+    tok = AutoTokenizer.from_pretrained(model)
+    m = AutoModelForCausalLM.from_pretrained(model).eval()
+    before, after = td._chat_turn_frame(tok)
+    assert before == "<s>user\n" and after.startswith("</s>")
+    a = td._sample_self_prompts(str(model), tok, m, 6, seed=5, backend="transformers")
+    assert a == td._sample_self_prompts(str(model), tok, m, 6, seed=5, backend="transformers")
+    assert 0 < len(a) <= 6 and len(set(a)) == len(a)
+    assert all(len(td._words(p)) >= 3 and "</s>" not in p for p in a)
+
+
+def test_init_from_an_earlier_drafter_maps_head_rows_by_token(tiny_target, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEC_PLUGINS_CACHE", str(tmp_path / "cache"))
+    model, corpus = tiny_target
+    first = _run(model, corpus, tmp_path / "a", steps=4)
+    old = DFlashDrafter.from_pretrained(tmp_path / "a", embed_tokens=torch.zeros(1, 1))
+    # A second run with another vocabulary size starts from the first drafter's weights.
+    r = _run(model, corpus, tmp_path / "b", steps=0, vocab=48, init_from=str(tmp_path / "a"))
+    assert r["step"] == 0 and first["step"] == 4
+    new = DFlashDrafter.from_pretrained(tmp_path / "b", embed_tokens=torch.zeros(1, 1))
+    torch.testing.assert_close(new.fc.weight, old.fc.weight)
+    old_rows = {int(t): r for r, t in enumerate(old.draft_to_target(torch.arange(64)).tolist())}
+    new_ids = new.draft_to_target(torch.arange(48)).tolist()
+    shared = [(r, old_rows[t]) for r, t in enumerate(new_ids) if t in old_rows]
+    assert shared
+    for r_new, r_old in shared:
+        torch.testing.assert_close(new.lm_head.weight[r_new], old.lm_head.weight[r_old])
+    with pytest.raises(ValueError, match="target layers"):
+        _run(model, corpus, tmp_path / "c", steps=0, target_layers=[0], init_from=str(tmp_path / "a"))
