@@ -69,14 +69,27 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
                                         "warmup_steps": 10**6, "probe_every": 1,
                                         "log_every": 100}}),
 }
+# Server flags beyond the speculative config. vLLM turns its async scheduling (overlapping
+# the next step's scheduling with this step's forward pass) off for every custom_class
+# proposer, so "vanilla-sync" is vanilla under the same constraint: the ratio of a method
+# that does not draft to it is the method's own cost, to vanilla the total.
+FLAGS: dict[str, list[str]] = {"vanilla-sync": ["--no-async-scheduling"]}
+CONFIGS["vanilla-sync"] = (None, None)
 # The choices a method logs: which layers it drafts with, what it measured.
 CHOICE_LOGS = re.compile(r"spec_plugins: (swift chose skip layers .*|del exit layers chosen .*)")
 
 
-def one(client, messages, max_tokens):
+# --draft-off: every request asks for no drafts (spec_plugins' per-request control), so a
+# method's figure is what its machinery costs when it does not draft.
+DRAFT_OFF = {"spec_plugins_max_draft_tokens": 0}
+
+
+def one(client, messages, max_tokens, draft_off=False):
+    extra = {"return_token_ids": True}
+    if draft_off:
+        extra["vllm_xargs"] = DRAFT_OFF
     r = client.chat.completions.create(model="default", messages=messages, temperature=0,
-                                       max_tokens=max_tokens,
-                                       extra_body={"return_token_ids": True})
+                                       max_tokens=max_tokens, extra_body=extra)
     return list(r.choices[0].token_ids)
 
 
@@ -87,13 +100,14 @@ def with_drafter(config: dict | None, drafter: str) -> dict | None:
     return json.loads(json.dumps(config).replace('"{drafter}"', json.dumps(drafter)))
 
 
-def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter):
+def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
+               draft_off=False):
     import openai
 
     spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
     results = {}
     log = str(Path(log_dir or tempfile.mkdtemp(prefix="bench-")) / f"{name}.log")
-    with vllm_server(model, spec, extra, log_path=log) as url:
+    with vllm_server(model, spec, extra, extra=FLAGS.get(name, []), log_path=log) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200)
         # Warm-up on a prompt outside the measured ones.
         one(client, [{"role": "user", "content": "Hello!"}], 16)
@@ -105,7 +119,9 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter
                 m0 = spec_metrics(url)
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(conc) as pool:
-                    outs = list(pool.map(lambda c: one(client, c, max_tokens), convs))
+                    outs = list(pool.map(
+                        lambda c: one(client, c, max_tokens, draft_off and spec is not None),
+                        convs))
                 dt = time.perf_counter() - t0
                 m1 = spec_metrics(url)
                 delta = {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}
@@ -138,6 +154,9 @@ def main():
     ap.add_argument("--svg", default=None, help="write a plot (tok/s, mean acceptance "
                     "length per method and category) here")
     ap.add_argument("--log-dir", default=None, help="keep each server's log here")
+    ap.add_argument("--draft-off", action="store_true", help="every request asks for no "
+                    "drafts (spec_plugins_max_draft_tokens 0): what each method costs when it "
+                    "does not draft")
     ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
                     "(default: the one spec-plugins-train-drafter built for the model)")
     a = ap.parse_args()
@@ -156,7 +175,7 @@ def main():
     res, choices = {}, {}
     for c in a.configs:
         res[c], choices[c] = run_config(c, a.model, a.categories, a.n, a.max_tokens,
-                                        a.concurrency, a.log_dir, a.drafter)
+                                        a.concurrency, a.log_dir, a.drafter, a.draft_off)
 
     print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
           f"max_tokens {a.max_tokens}\n")

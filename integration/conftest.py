@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,3 +39,26 @@ def sglang_vanilla(default_model):
         pytest.skip(sglang_available())
     with sglang_server(default_model, SMALL_POOL) as url:
         return run_all(url, extra_body=SGLANG_IDS)
+
+
+# CI-sized drafter training: local prompts only, small data, one draft layer, a few dozen
+# steps (about two minutes).
+CI_TRAINING = ["--tiny", "--gen-backend", "vllm", "--corpus", "local", "--num-prompts", "24",
+               "--max-new-tokens", "64", "--max-len", "192", "--vocab", "4096",
+               "--draft-layers", "1", "--block-size", "7", "--steps", "60", "--batch", "4",
+               "--anchors", "8", "--init-from-target"]
+
+
+@pytest.fixture(scope="session")
+def dflash_drafter(default_model, tmp_path_factory):
+    """A DFlash drafter for the default model trained here (its drafts are poor, which is
+    fine: every path must keep outputs exact), shared by the vLLM and SGLang tests."""
+    from vllm_server import engine_env
+
+    out = tmp_path_factory.mktemp("dflash-drafter")
+    p = subprocess.run([sys.executable, "-m", "spec_plugins.train_drafter", "--model",
+                        default_model, "--out", str(out), *CI_TRAINING],
+                       capture_output=True, text=True, timeout=1200, env=engine_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert (out / "config.json").is_file()
+    return str(out)

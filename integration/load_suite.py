@@ -146,7 +146,8 @@ ENGINES = {
 
 
 def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: str,
-               drafter: str, log_dir: str | None, engine: str = "vllm") -> dict:
+               drafter: str, log_dir: str | None, engine: str = "vllm",
+               rounds: int = 1) -> dict:
     import openai
 
     server, preemption_counter, _, _ = ENGINES[engine]
@@ -164,36 +165,57 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
         time.sleep(5)   # let aborted requests drain
         alive = healthy(url)
         rss1 = process_group_rss(url.pid)
+        rss2 = None
+        if alive and rounds > 1:
+            # The same load again: bounded caches (prefix cache, a method's cross-request
+            # state) are full after the first round, so a second round must not grow.
+            with ThreadPoolExecutor(clients) as pool:
+                again = list(pool.map(lambda r: send(client, r), mix))
+            time.sleep(5)
+            alive = healthy(url)
+            rss2 = process_group_rss(url.pid)
+            results_again = [x for x in again if not x["ok"]]
+            results += results_again
         preempted = counter(url, preemption_counter) - pre0 if alive else None
     lat = sorted(r["seconds"] for r in results if r["ok"] and r["kind"] != "abandoned")
-    return {"results": results, "wall": wall, "healthy": alive, "rss_before": rss0,
-            "rss_after": rss1, "preemptions": preempted,
+    return {"results": results, "requests": len(mix), "wall": wall, "healthy": alive,
+            "rss_before": rss0,
+            "rss_after": rss1, "rss_again": rss2, "preemptions": preempted,
             "p50": statistics.median(lat) if lat else None,
             "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
             "tok_s": sum(r["tokens"] for r in results) / wall}
 
 
+def mix_of(r: dict) -> list[dict]:
+    """The first round's results (a second round only adds its failures)."""
+    return r["results"][:r["requests"]]
+
+
 def report(res: dict, configs: list[str]) -> list[str]:
     """Print the table; return the problems found (empty: the suite passes)."""
-    base = res["vanilla"]["results"]
+    base = mix_of(res["vanilla"])
     problems = []
     print("| config | requests | errors | greedy identical | p50 s | p99 s | tok/s | preemptions "
-          "| healthy | memory after / before |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| healthy | memory after / before | after a second round / after the first |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         r = res[c]
         errors = [x for x in r["results"] if not x["ok"]]
-        pairs = [(x, v) for x, v in zip(r["results"], base)
+        pairs = [(x, v) for x, v in zip(mix_of(r), base)
                  if x["kind"] in GREEDY_KINDS and x["ok"] and v["ok"]]
         same = sum(x["output"] == v["output"] for x, v in pairs)
         mem = r["rss_after"] / max(r["rss_before"], 1)
-        print(f"| {c} | {len(r['results'])} | {len(errors)} | {same}/{len(pairs)} | "
+        again = r["rss_again"] / max(r["rss_after"], 1) if r.get("rss_again") else None
+        print(f"| {c} | {len(mix_of(r))} | {len(errors)} | {same}/{len(pairs)} | "
               f"{r['p50']:.2f} | {r['p99']:.2f} | {r['tok_s']:.1f} | {r['preemptions']} | "
-              f"{r['healthy']} | {mem:.3f} |")
+              f"{r['healthy']} | {mem:.3f} | {'-' if again is None else f'{again:.3f}'} |")
         if not r["preemptions"]:
             problems.append(f"{c}: no request was preempted (a smaller --kv-bytes tests more)")
         vanilla_ok = {i for i, v in enumerate(base) if v["ok"]}
-        lost = [i for i, x in enumerate(r["results"]) if i in vanilla_ok and not x["ok"]]
+        lost = [i for i, x in enumerate(mix_of(r)) if i in vanilla_ok and not x["ok"]]
+        if len(r["results"]) > r["requests"]:
+            problems.append(f"{c}: {len(r['results']) - r['requests']} requests of the second "
+                            "round failed")
         if lost:
             problems.append(f"{c}: {len(lost)} requests failed that vanilla answered, e.g. "
                             f"{r['results'][lost[0]].get('error')}")
@@ -203,7 +225,12 @@ def report(res: dict, configs: list[str]) -> list[str]:
                             f"(kinds: {', '.join(kinds)})")
         if not r["healthy"]:
             problems.append(f"{c}: server unhealthy after the load")
-        if mem > 1.10:
+        if again is not None:
+            # Growth across identical rounds is a leak; the first round fills bounded
+            # caches (vanilla's own prefix cache and allocator included).
+            if again > 1.03:
+                problems.append(f"{c}: memory grew {again:.2f}x over a second identical round")
+        elif mem > 1.10:
             problems.append(f"{c}: memory {mem:.2f}x its level after warm-up")
     return problems
 
@@ -219,6 +246,8 @@ def main() -> int:
     ap.add_argument("--kv-bytes", default=None, help="KV cache, small to force preemption: "
                     "vLLM bytes (default 160M; at least one max_model_len sequence, ~95 MB for "
                     "the default model), SGLang tokens (default 2600)")
+    ap.add_argument("--rounds", type=int, default=2, help="the load again on the same "
+                    "server: memory must not grow over the second round")
     ap.add_argument("--json", default=None)
     ap.add_argument("--log-dir", default=None)
     a = ap.parse_args()
@@ -242,7 +271,7 @@ def main() -> int:
     res = {}
     for c in a.configs:
         res[c] = run_config(c, a.model, mix, a.clients, a.kv_bytes, drafter, a.log_dir,
-                            a.engine)
+                            a.engine, a.rounds)
         print(f"  {c}: {sum(not x['ok'] for x in res[c]['results'])} errors, "
               f"{res[c]['wall']:.0f} s", file=sys.stderr, flush=True)
     problems = report(res, a.configs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,28 @@ def test_greedy_equals_sglang_without_speculation(sglang_vanilla, default_model,
             assert runs[0] == runs[1], "seeded sampling is not reproducible"
         if name == "suffix-chain":
             check_per_request_control(url, sglang_vanilla[0][0])
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["trees", "chains"])
+def test_dflash_reads_sglang_hidden_states(sglang_vanilla, default_model, dflash_drafter, tree):
+    """The block drafter through SGLang: its context is the target's hidden states from
+    SGLang's own forward passes; whole blocks are drafted every step (the CI drafter's
+    drafts do not pay for themselves) and outputs stay SGLang's, token for token."""
+    options = {"drafter": dflash_drafter, "tree": tree, "budget": False, "adaptive": False,
+               "max_block": 4}
+    log = str(Path(dflash_drafter).parent / f"sglang-dflash-{tree}.log")
+    with sglang_server(default_model, spec_flags("dflash", 9),
+                       env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)}, log_path=log) as url:
+        batch1 = [sglang_complete(url, m, temperature=0) for m in CONVERSATIONS]
+        with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
+            batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0)[0],
+                                   CONVERSATIONS))
+    shape = "trees" if tree else "chains"
+    assert_outputs_equal(sglang_vanilla[0], [b[0] for b in batch1], f"dflash {shape}, batch 1")
+    assert_outputs_equal(sglang_vanilla[1], batch8, f"dflash {shape}, 8 concurrent")
+    assert sum(b[1]["spec_num_correct_drafts"] for b in batch1) > 0
+    text = Path(log).read_text(errors="replace")
+    assert "reads the target's hidden states at layers" in text and "dflash drafter" in text
 
 
 def check_per_request_control(url, expected):

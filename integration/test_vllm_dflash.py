@@ -9,37 +9,19 @@ drafts, rejected ones, trees) must keep the outputs exact.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
                     complete, run_all)
-from vllm_server import counter, engine_env, log_file, run_to_exit, spec_metrics, vllm_server
+from vllm_server import counter, log_file, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
 
 DFLASH = {"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 6}
-# CI-sized training: small data, one draft layer, a few dozen steps (about two minutes).
-CI_TRAINING = ["--tiny", "--gen-backend", "vllm", "--num-prompts", "24", "--max-new-tokens",
-               "64", "--max-len", "192", "--vocab", "4096", "--draft-layers", "1",
-               "--block-size", "7", "--steps", "60", "--batch", "4", "--anchors", "8",
-               "--init-from-target"]
-
-
-@pytest.fixture(scope="module")
-def drafter(default_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dflash-drafter")
-    p = subprocess.run([sys.executable, "-m", "spec_plugins.train_drafter", "--model",
-                        default_model, "--out", str(out), *CI_TRAINING],
-                       capture_output=True, text=True, timeout=1200, env=engine_env())
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert (out / "config.json").is_file()
-    return str(out)
-
+# ``dflash_drafter`` (conftest.py): a drafter trained here with CI-sized settings.
 
 # Whole blocks drafted every step (the CI drafter's drafts seldom pay for their verify
 # time, so the default budget would hardly draft them, and some must be accepted here);
@@ -49,9 +31,9 @@ SHAPES = {"trees": {"tree": True, "budget": False, "adaptive": False, "max_block
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
-def dflash_server(request, default_model, drafter):
+def dflash_server(request, default_model, dflash_drafter):
     log = log_file(f"dflash-{request.param}")
-    options = {"drafter": drafter, **SHAPES[request.param]}
+    options = {"drafter": dflash_drafter, **SHAPES[request.param]}
     with vllm_server(default_model, DFLASH, {"spec_plugins": options}, log_path=log) as url:
         yield request.param, url, log
 
@@ -81,9 +63,9 @@ def test_seeded_sampling_is_reproducible(dflash_server):
     assert runs[0] == runs[1]
 
 
-def test_preempted_requests_equal_vanilla(vanilla, default_model, drafter):
+def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter):
     extra = ["--kv-cache-memory-bytes", "32M", "--max-model-len", "512"]
-    with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": drafter}},
+    with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": dflash_drafter}},
                      extra=extra) as url:
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))

@@ -23,7 +23,7 @@ PREFIX = "SPEC_PLUGINS."
 OPTIONS_ENV = "SPEC_PLUGINS_OPTIONS"
 DEFAULT_NUM_DRAFT_TOKENS = 9       # the root + up to 8 drafts, vLLM's usual 8
 # What the SGLang worker can hand a proposer (StepContext fields).
-SUPPORTED_NEEDS = frozenset({"target_topk"})
+SUPPORTED_NEEDS = frozenset({"target_topk", "hidden_states"})
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,13 @@ drives the method's proposer through the same interface as the vLLM adapter:
    accepted lengths, which feed ``sglang:spec_accept_length`` and each request's
    ``meta_info`` like SGLang's own algorithms.
 
+Methods that read the target's hidden states (``needs={"hidden_states"}``: dflash) get
+them from the target's own forward passes: SGLang's auxiliary hidden-state capture (the
+one its DFlash and EAGLE-3 workers use) at the method's layers, in FULL mode on prefill
+and verify forwards only when such a method is served; per request the worker queues the
+states of the tokens it committed (prefill chunks; per step the root and the accepted
+rows) and hands them to the proposer as ``StepContext.hidden_states``.
+
 Requests with frequency/presence/repetition penalties get no drafts (SGLang applies
 penalties to every verify row as of the step's start, which is exact only for the first
 row); grammars are applied over the tree with SGLang's own bitmask builder.
@@ -34,7 +41,7 @@ import torch
 from spec_plugins.cost import StepTimer
 from spec_plugins.proposers import proposer_class
 from spec_plugins.guard import GuardedProposer
-from spec_plugins.proposers.base import DraftRequest, ModelInfo, StepContext
+from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
 from spec_plugins.request_controls import max_draft_tokens
 from spec_plugins.sampling import sampling_probs
 from spec_plugins.sglang.config import settings_from
@@ -44,7 +51,7 @@ from spec_plugins.tree import DraftTree
 from spec_plugins.verify import sample, verify_greedy_ids, verify_stochastic
 
 from sglang.srt.managers.utils import GenerationBatchResult
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
@@ -104,6 +111,13 @@ class SpecPluginsWorker(BaseSpecWorker):
         self.guard = GuardedProposer(self.proposer, self.method, logger)
         self.guard.bind(model_info(server_args, self.model_runner))
         self.wants_topk = "target_topk" in self.proposer.needs
+        self.wants_states = "hidden_states" in self.proposer.needs
+        # Hidden states queued per request until its next draft: (positions, states).
+        self._states: dict[str, list[CommittedStates]] = {}
+        self._capture = {}
+        if self.wants_states:
+            self._capture = {"capture_hidden_mode": CaptureHiddenMode.FULL}
+            self._capture_layers(self.model_runner.model)
         self.timer = StepTimer(PRIOR_PER_TOKEN)
         self.rng = np.random.default_rng()
         self.vocab_size = self.model_runner.model_config.vocab_size
@@ -113,6 +127,40 @@ class SpecPluginsWorker(BaseSpecWorker):
                     "tokens per step), options %s", self.method,
                     self.speculative_num_draft_tokens, self.speculative_num_draft_tokens - 1,
                     settings.options)
+
+    def _capture_layers(self, model) -> None:
+        """Have the target capture the residual stream after each of the method's layers
+        in its forward passes (SGLang's DFlash capture: id ``l`` -> output of layer ``l``,
+        as the vLLM adapter's auxiliary outputs)."""
+        layers = list(getattr(self.proposer, "hidden_layers", ()) or ())
+        capture = getattr(model, "set_dflash_layers_to_capture", None)
+        if not layers:
+            raise RuntimeError(f"spec_plugins method {self.method!r} needs hidden states but "
+                               "lists no hidden_layers after bind()")
+        if capture is None:
+            raise RuntimeError(
+                f"spec_plugins method {self.method!r} reads the target's hidden states, which "
+                f"SGLang captures only for models with set_dflash_layers_to_capture; "
+                f"{type(model).__name__} has none")
+        capture(layers)
+        logger.info("spec_plugins: %s reads the target's hidden states at layers %s "
+                    "(SGLang's auxiliary capture)", self.method, layers)
+
+    def _queue_states(self, rid: str, first_position: int, states: torch.Tensor) -> None:
+        st = self._requests.get(rid)
+        if st is None or st.skip_reason or st.max_draft == 0 or not len(states):
+            return   # never drafted for: nothing to keep
+        positions = torch.arange(first_position, first_position + len(states), dtype=torch.long)
+        self._states.setdefault(rid, []).append(CommittedStates(positions, states))
+
+    def _take_states(self, rid: str) -> CommittedStates | None:
+        parts = self._states.pop(rid, None)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return CommittedStates(torch.cat([p.positions for p in parts]),
+                               torch.cat([p.states for p in parts]))
 
     # ---- SGLang's worker protocol -------------------------------------------
     def clear_cache_pool(self):
@@ -131,7 +179,7 @@ class SpecPluginsWorker(BaseSpecWorker):
     # ---- prefill / idle: the target alone ------------------------------------
     def _extend(self, batch, on_publish, pp_proxy_tensors) -> GenerationBatchResult:
         result = self.target_worker.forward_batch_generation(
-            batch, pp_proxy_tensors=pp_proxy_tensors)
+            batch, pp_proxy_tensors=pp_proxy_tensors, **self._capture)
         bs, N = len(batch.reqs), self.speculative_num_draft_tokens
         predict = result.next_token_ids
         logits = None if result.logits_output is None else result.logits_output.next_token_logits
@@ -143,6 +191,13 @@ class SpecPluginsWorker(BaseSpecWorker):
                 self._sample_seeded_first_tokens(batch, logits, predict)
             if self.wants_topk:
                 self._keep_topk_after_prefill(batch, logits)
+            hidden = result.logits_output.hidden_states if self.wants_states else None
+            if hidden is not None:
+                # Every token this prefill (chunk) computed, request after request: [tokens, F].
+                off = 0
+                for req, start, n in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+                    self._queue_states(req.rid, int(start), hidden[off:off + int(n)])
+                    off += int(n)
         accept_tokens = torch.zeros(bs, N, dtype=torch.int32, device=self.device)
         if predict is not None and bs:
             accept_tokens[:, 0] = predict
@@ -212,8 +267,10 @@ class SpecPluginsWorker(BaseSpecWorker):
         batch.out_cache_loc = out_cache_loc.to(torch.int64)
         batch.spec_info = verify_input
 
+        seq_lens = batch.seq_lens.tolist()
         self.timer.start()
-        result = self.target_worker.forward_batch_generation(batch, is_verify=True)
+        result = self.target_worker.forward_batch_generation(batch, is_verify=True,
+                                                             **self._capture)
         logits_output = result.logits_output
         logits = logits_output.next_token_logits                            # [bs * n, V]
         self._process_logits(batch, step, verify_input, logits)
@@ -225,11 +282,16 @@ class SpecPluginsWorker(BaseSpecWorker):
         predict = torch.zeros(bs * n, dtype=torch.int32)
         accept_index = torch.full((bs, n), -1, dtype=torch.int32)
         accept_lens = torch.zeros(bs, dtype=torch.int32)
+        hidden = logits_output.hidden_states if self.wants_states else None  # [bs * n, F]
         for b, v in enumerate(verdicts):
             rows = [0] + [node + 1 for node in v.accepted]
             accept_index[b, :len(rows)] = torch.tensor(rows, dtype=torch.int32) + b * n
             predict[torch.tensor(rows) + b * n] = torch.tensor(v.emitted, dtype=torch.int32)
             accept_lens[b] = len(rows)
+            if hidden is not None:
+                # The root sits at position seq_len, the accepted path below it.
+                idx = torch.tensor(rows, dtype=torch.long, device=hidden.device) + b * n
+                self._queue_states(reqs[b].rid, int(seq_lens[b]), hidden.index_select(0, idx))
         predict, accept_index, accept_lens = (predict.to(dev), accept_index.to(dev),
                                               accept_lens.to(dev))
         from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
@@ -298,6 +360,8 @@ class SpecPluginsWorker(BaseSpecWorker):
             ctx = StepContext(cost=self.timer.cost, batch_tokens=len(reqs))
             if self.wants_topk:
                 ctx.target_topk = [self._requests[r.req_id].topk for r in requests]
+            if self.wants_states:
+                ctx.hidden_states = [self._take_states(r.req_id) for r in requests]
             proposed = self.guard.propose(requests, ctx)
             for b, tree in zip(idx, proposed):
                 trees[b] = tree
@@ -325,6 +389,7 @@ class SpecPluginsWorker(BaseSpecWorker):
                         max_draft=max_draft_tokens(sp.custom_params, "custom_params"))
 
     def _finish(self, rid: str) -> None:
+        self._states.pop(rid, None)
         if self._requests.pop(rid, None) is not None:
             self.guard.finish(rid)
 

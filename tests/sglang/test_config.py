@@ -25,7 +25,7 @@ def test_our_method_options_and_width():
 @pytest.mark.parametrize("algo,env,n,msg", [
     ("SPEC_PLUGINS.NOSUCH", {}, None, "--speculative-algorithm='spec_plugins.nosuch' is not a "
      "spec_plugins method; allowed values: spec_plugins.del, spec_plugins.dflash"),
-    ("SPEC_PLUGINS.DFLASH", {}, None, "method 'dflash' needs \\['hidden_states'\\], which the "
+    ("SPEC_PLUGINS.SWIFT", {}, None, "method 'swift' needs \\['target_model'\\], which the "
      "SGLang adapter does not supply yet"),
     ("SPEC_PLUGINS.SUFFIX", {"SPEC_PLUGINS_OPTIONS": "{bad"}, None,
      "SPEC_PLUGINS_OPTIONS is not valid JSON"),
