@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_vllm import CONFIGS, with_drafter  # noqa: E402
+from bench_vllm import CONFIGS, FLAGS, with_drafter  # noqa: E402
 from prompts import prompts  # noqa: E402
 from vllm_server import counter, process_group_rss, vllm_server  # noqa: E402
 
@@ -114,7 +114,7 @@ def vllm_engine(name: str, model: str, clients: int, kv: str, drafter: str, log:
     """A vLLM server for configuration ``name`` (bench_vllm's) with ``kv`` bytes of KV cache."""
     spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
     flags = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", kv,
-             "--max-num-seqs", str(clients)]
+             "--max-num-seqs", str(clients), *FLAGS.get(name, [])]
     return vllm_server(model, spec, extra, extra=flags, log_path=log)
 
 
