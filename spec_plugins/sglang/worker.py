@@ -112,7 +112,7 @@ class SpecPluginsWorker(BaseSpecWorker):
         self.guard.bind(model_info(server_args, self.model_runner))
         self.wants_topk = "target_topk" in self.proposer.needs
         self.wants_states = "hidden_states" in self.proposer.needs
-        # Hidden states queued per request until its next draft: (positions, states).
+        # Hidden states of committed tokens, queued per request until its next draft.
         self._states: dict[str, list[CommittedStates]] = {}
         self._capture = {}
         if self.wants_states:
@@ -267,7 +267,8 @@ class SpecPluginsWorker(BaseSpecWorker):
         batch.out_cache_loc = out_cache_loc.to(torch.int64)
         batch.spec_info = verify_input
 
-        seq_lens = batch.seq_lens.tolist()
+        # Where each request's root sits (read before SGLang advances the lengths).
+        seq_lens = batch.seq_lens.tolist() if self.wants_states else None
         self.timer.start()
         result = self.target_worker.forward_batch_generation(batch, is_verify=True,
                                                              **self._capture)
@@ -289,7 +290,7 @@ class SpecPluginsWorker(BaseSpecWorker):
             predict[torch.tensor(rows) + b * n] = torch.tensor(v.emitted, dtype=torch.int32)
             accept_lens[b] = len(rows)
             if hidden is not None:
-                # The root sits at position seq_len, the accepted path below it.
+                # Rows of the root (position seq_len) and the accepted path after it.
                 idx = torch.tensor(rows, dtype=torch.long, device=hidden.device) + b * n
                 self._queue_states(reqs[b].rid, int(seq_lens[b]), hidden.index_select(0, idx))
         predict, accept_index, accept_lens = (predict.to(dev), accept_index.to(dev),
