@@ -24,7 +24,6 @@ import random
 import statistics
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_vllm import CONFIGS, FLAGS, with_drafter  # noqa: E402
 from prompts import prompts  # noqa: E402
-from vllm_server import counter, process_group_rss, vllm_server  # noqa: E402
+from vllm_server import counter, healthy, process_group_rss, vllm_server  # noqa: E402
 
 MAX_MODEL_LEN = 2048
 # Deterministic kinds: their outputs must equal vanilla's.
@@ -100,14 +99,6 @@ def send(client, req: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - every failure is a finding
         return {"kind": kind, "ok": False, "seconds": time.perf_counter() - t0,
                 "tokens": 0, "output": None, "error": f"{type(e).__name__}: {e}"[:300]}
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=10) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def vllm_engine(name: str, model: str, clients: int, kv: str, drafter: str, log: str | None):

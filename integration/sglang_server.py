@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_server import ServerURL  # plain helpers: imports no engine
+from vllm_server import ServerURL, healthy  # plain helpers: imports no engine
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
@@ -76,14 +76,6 @@ def tail(path: str, n: int = 40) -> str:
         return "".join(f.readlines()[-n:])
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def sglang_server(model: str, extra: list[str] = (), env: dict[str, str] | None = None,
                   timeout: float = 900, log_path: str | None = None):
@@ -102,7 +94,7 @@ def sglang_server(model: str, extra: list[str] = (), env: dict[str, str] | None 
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
-        while not _ready(url):
+        while not healthy(url, timeout=5):
             if proc.poll() is not None:
                 log.flush()
                 raise RuntimeError(f"SGLang server exited with {proc.returncode} "

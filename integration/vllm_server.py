@@ -93,12 +93,8 @@ def vllm_server(model: str, speculative_config: dict | None = None,
                 log.flush()
                 raise RuntimeError(f"vLLM server exited with {proc.returncode}; "
                                    f"last log lines:\n{tail(log.name)}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+            if healthy(url, timeout=2):
+                break
             if time.time() > deadline:
                 raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{tail(log.name)}")
             time.sleep(1)
@@ -152,6 +148,15 @@ def run_to_exit(model: str, speculative_config=None, additional_config=None,
 def tail(path: str, n: int = 40) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-n:])
+
+
+def healthy(url: str, timeout: float = 10) -> bool:
+    """Whether a server (vLLM or SGLang) answers ``/health`` with 200."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def counter(url: str, name: str) -> float:

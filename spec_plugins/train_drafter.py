@@ -71,6 +71,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -343,7 +344,6 @@ def _sample_self_prompts(model_dir: str, tok, target, n: int, seed: int, backend
 
 
 def _words(text: str) -> list[str]:
-    import re
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
