@@ -44,9 +44,11 @@ CONFIGS: dict[str, tuple[list[str], dict | None]] = {
     "suffix-tree": spec("suffix", 17, tree=True),
     "recycling-chain": spec("recycling", 9, tree=False),
     "recycling-tree": spec("recycling", 17, tree=True),
-    # The block drafter (the drafter spec-plugins-train-drafter built for the model).
-    "dflash-chain": spec("dflash", 8, tree=False),
-    "dflash-tree": spec("dflash", 13, tree=True),
+    # The block drafter (the drafter spec-plugins-train-drafter built for the model):
+    # alone, and with suffix-trie drafts joined (the method's default).
+    "dflash-chain": spec("dflash", 8, tree=False, suffix=False),
+    "dflash-tree": spec("dflash", 13, tree=True, suffix=False),
+    "dflash-suffix": spec("dflash", 17, tree=True, suffix=True),
 }
 
 

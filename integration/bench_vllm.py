@@ -52,13 +52,17 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     "swift": ({"model": "spec_plugins.vllm.swift", "num_speculative_tokens": 4}, None),
     "del": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4}, None),
     # Block drafting (DFlash drafter trained by spec-plugins-train-drafter; --drafter
-    # picks another): chains, DDTrees, and vLLM's own dflash over the same checkpoint.
+    # picks another): the drafter alone as chains and DDTrees, the method's default (its
+    # DDTrees joined by suffix-trie drafts, the union verified in one tree), and vLLM's
+    # own dflash over the same checkpoint.
     "dflash-chain": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 7},
-                     {"spec_plugins": {"tree": False, "drafter": "{drafter}"}}),
+                     {"spec_plugins": {"tree": False, "suffix": False, "drafter": "{drafter}"}}),
     "dflash-tree": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 12},
-                    {"spec_plugins": {"tree": True, "drafter": "{drafter}"}}),
+                    {"spec_plugins": {"tree": True, "suffix": False, "drafter": "{drafter}"}}),
+    "dflash-suffix": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 16},
+                      {"spec_plugins": {"tree": True, "suffix": True, "drafter": "{drafter}"}}),
     "dflash-tree-bf16": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 12},
-                         {"spec_plugins": {"tree": True, "drafter": "{drafter}",
+                         {"spec_plugins": {"tree": True, "suffix": False, "drafter": "{drafter}",
                                            "dtype": "bfloat16"}}),
     "vllm-dflash": ({"method": "dflash", "model": "{drafter}", "num_speculative_tokens": 7},
                     None),

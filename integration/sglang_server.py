@@ -17,7 +17,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from vllm_server import ServerURL, healthy  # plain helpers: imports no engine
@@ -123,12 +122,3 @@ def _stop(proc: subprocess.Popen) -> None:
     # Children that outlived the launcher still hold the group id.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-def metric(url: str, name: str) -> float | None:
-    """A Prometheus metric from ``/metrics`` (needs ``--enable-metrics``), summed over its
-    labels; None when absent."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        values = [float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                  if line.startswith(name + "{") or line.startswith(name + " ")]
-    return sum(values) if values else None

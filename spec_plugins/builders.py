@@ -13,6 +13,8 @@ length of a tree is the sum of its nodes' path probabilities.
 - :func:`eagle2` (EAGLE-2): expand the ``top_k`` best nodes of each depth by their
   top-``top_k`` candidates for ``depth`` levels, then keep the best ``total_tokens``
   nodes by path probability.
+- :func:`union`: one tree holding every path of several drafters' trees (e.g. a block
+  drafter's DDTree and a suffix trie's), nodes in decreasing path probability.
 - :func:`fit_batch`: cut the trees of a whole batch (nodes in decreasing path
   probability, as :func:`best_first` returns them) to the draft tokens that pay for
   their verify time (:func:`~spec_plugins.budget.allocate`).
@@ -82,6 +84,29 @@ def fit_batch(trees: Sequence[DraftTree], cost: CostModel | None, batch_tokens: 
     gains = [[] if f else t.path_probs() for t, f in zip(trees, fixed)]
     keep = allocate(gains, batch_tokens, batch_tokens, cost)
     return [t if f else t.prefix(k) for t, k, f in zip(trees, keep, fixed)]
+
+
+def union(trees: Sequence[DraftTree], max_nodes: int) -> DraftTree:
+    """Every path of ``trees`` (deterministic drafts: no ``draft_dists``) in one tree of at
+    most ``max_nodes`` nodes, in decreasing path probability (the order ``fit_batch``
+    cuts). A path drafted by several trees takes the highest of their scores: each is an
+    estimate of the same acceptance, and the union is at least as good as any one of
+    them."""
+    score: dict[tuple[int, ...], float] = {}
+    for t in trees:
+        for path, s in zip(t.token_paths(), t.scores):
+            score[path] = max(score.get(path, 0.0), s)
+    pp: dict[tuple[int, ...], float] = {}
+    for path in sorted(score, key=len):
+        pp[path] = score[path] * pp.get(path[:-1], 1.0)
+    # Scores are at most 1, so a child never outranks its parent; on a tie the
+    # shorter path (the parent) comes first.
+    order = sorted(score, key=lambda path: (-pp[path], len(path)))[:max_nodes]
+    index: dict[tuple[int, ...], int] = {(): -1}
+    out = DraftTree()
+    for path in order:
+        index[path] = out.add(index[path[:-1]], path[-1], score[path])
+    return out
 
 
 def eagle2(expand: Expand, top_k: int, depth: int, total_tokens: int) -> DraftTree:

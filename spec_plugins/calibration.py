@@ -56,8 +56,11 @@ class Calibrator:
 
     def record(self, tree: DraftTree, buckets: Sequence[Hashable],
                committed: Sequence[int]) -> None:
-        """Score the previous step's ``tree`` (``buckets[i]``: node ``i``'s bucket)."""
+        """Score the previous step's ``tree`` (``buckets[i]``: node ``i``'s bucket; None:
+        a node this calibrator does not score, e.g. another drafter's)."""
         for node, hit in walk(tree, committed):
+            if buckets[node] is None:
+                continue
             s = self._stats.setdefault(buckets[node], [0.0, 0.0])
             if s[1] >= self.memory:
                 f = (self.memory - 1) / s[1]

@@ -112,6 +112,13 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
+    def token_paths(self) -> list[tuple[int, ...]]:
+        """Per node, the draft tokens from the root's child down to it."""
+        paths: list[tuple[int, ...]] = []
+        for p, t in zip(self.parents, self.tokens):
+            paths.append((paths[p] if p >= 0 else ()) + (t,))
+        return paths
+
     def ancestor_mask(self) -> np.ndarray:
         """``[n, n]`` bool: ``mask[i, j]`` is True when node j is node i or an ancestor of it."""
         n = len(self.tokens)

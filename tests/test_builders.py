@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from spec_plugins.builders import best_first, eagle2
+from spec_plugins.builders import best_first, eagle2, union
 from spec_plugins.cost import CostModel
 
 # Measured on the 2-core AVX2 CPU, SmolLM2-135M fp32 (ms for 1/6/8/16 query tokens).
@@ -108,3 +108,23 @@ def test_fit_batch_keeps_fixed_trees_whole_and_cuts_the_others():
     cut, kept = fit_batch([weak, weak], cost, batch_tokens=2, fixed=[False, True])
     assert len(cut) < len(weak)
     assert kept is weak
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_union_keeps_every_path_in_path_probability_order(seed):
+    a = best_first(synthetic(seed, branching=3, depth=4), max_nodes=7)
+    b = best_first(synthetic(seed + 10, branching=2, depth=5), max_nodes=6)
+    both = union([a, b], max_nodes=64)
+    both.validate()
+    score = dict(zip(both.token_paths(), both.scores))
+    for t in (a, b):
+        for path, s in zip(t.token_paths(), t.scores):
+            assert score[path] >= s
+    assert len(both) == len(set(a.token_paths()) | set(b.token_paths()))
+    pp = both.path_probs()
+    assert all(x >= y for x, y in zip(pp, pp[1:]))
+    assert expected_length(both) >= max(expected_length(a), expected_length(b))
+    # Capped: the best prefix, still a tree.
+    cut = union([a, b], max_nodes=5)
+    cut.validate()
+    assert cut.token_paths() == both.token_paths()[:5]

@@ -109,6 +109,47 @@ class CommittedStates:
     states: Any                # [n, len(hidden_layers) * hidden_size] tensor, target dtype
 
 
+class CommittedStatesQueue:
+    """What an adapter captured of each request's hidden states and has not yet handed to
+    the proposer: rows are queued as the target's forward passes produce them and taken,
+    concatenated in position order, at the request's next ``propose``. ``end(req_id)``
+    is the position after the last row ever queued (a lower start means the engine
+    recomputes the request: preempted and resumed)."""
+
+    def __init__(self):
+        self._parts: dict[str, list[CommittedStates]] = {}
+        self._end: dict[str, int] = {}
+
+    def put(self, req_id: str, first_position: int, states) -> None:
+        """``states`` [n, F]: the rows of positions ``first_position`` on."""
+        import torch
+
+        n = len(states)
+        if n == 0:
+            return
+        positions = torch.arange(first_position, first_position + n, dtype=torch.long)
+        self._parts.setdefault(req_id, []).append(CommittedStates(positions, states))
+        self._end[req_id] = first_position + n
+
+    def end(self, req_id: str) -> int | None:
+        return self._end.get(req_id)
+
+    def take(self, req_id: str) -> CommittedStates | None:
+        parts = self._parts.pop(req_id, None)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        import torch
+
+        return CommittedStates(torch.cat([p.positions for p in parts]),
+                               torch.cat([p.states for p in parts]))
+
+    def drop(self, req_id: str) -> None:
+        self._parts.pop(req_id, None)
+        self._end.pop(req_id, None)
+
+
 class TargetModel(Protocol):
     """Handle on the target model for self-speculative methods (layer skip), valid for
     one ``propose`` call. For each request the context KV is the target's own; the

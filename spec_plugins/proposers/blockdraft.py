@@ -16,6 +16,11 @@ lattice into drafts, whatever produced it:
   sampler, trees through the core verifier); seeded requests draw from their own seed;
 - the block length follows each request's recent acceptance (DiffuSpec's ADL,
   ``lattice.AdaptiveLength``) within ``[min_block, max_block]``;
+- with ``suffix``, a suffix drafter (``proposers.suffix``) drafts too and greedy requests
+  verify the union of both trees (``builders.union``), the union cut by the same budget:
+  the suffix tries reach repeats far past the block, the block drafts what was never
+  seen before; a request whose suffix draft is expected to commit a token or more skips
+  the block pass;
 - the draft pass itself is priced by measurement: ``payoff.PayoffGate`` compares whole
   cycles with and without drafts and skips the pass while it does not pay (the verify-cost
   model prices only the verified tokens, not the drafter's forward). The drafter's
@@ -34,12 +39,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from spec_plugins.builders import fit_batch
+from spec_plugins.builders import fit_batch, union
 from spec_plugins.calibration import Calibrator
 from spec_plugins.lattice import AdaptiveLength, greedy_tree, sampled_tree, topk_lattice
 from spec_plugins.options import MethodOptions, OptionError, opt
 from spec_plugins.payoff import PayoffGate
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
+from spec_plugins.proposers.suffix import SuffixOptions, SuffixProposer
 from spec_plugins.tree import DraftTree
 
 
@@ -58,6 +64,10 @@ class BlockOptions(MethodOptions):
                                      "for nodes of the same depth and probability")
     sample: bool = opt(True, help="sampled requests get drafts drawn from the draft "
                                   "distributions (False: argmax drafts)")
+    suffix: bool = opt(True, help="also draft from suffix tries over the request's own "
+                                   "tokens and recent outputs (method suffix) and verify the "
+                                   "union of both drafters' trees: long repeats the block "
+                                   "cannot reach, alternatives it did not rank")
     budget: bool = opt(True, help="cut drafts to the nodes the verify-cost model says pay "
                                   "for themselves, and skip the draft pass while cycles "
                                   "with drafts are measured slower than without (False: "
@@ -75,10 +85,15 @@ class BlockState:
     def __init__(self, adl: AdaptiveLength):
         self.adl = adl
         self.last: DraftTree | None = None
+        # Calibration buckets of ``last``'s nodes (None: not a greedy lattice draft).
         self.buckets: list | None = None
-        self.greedy = True
 
 
+# Expected accepted tokens of a request's suffix draft from which its block pass is
+# skipped: the pass costs about a tenth of a step on a 2-core CPU, and skipping it there
+# took the union from 1.39x to 1.40x vanilla at batch 1, HumanEval 1.31x to 1.36x
+# (integration/RESULTS.md, issue 10, fourth run).
+SUFFIX_ENOUGH = 1.0
 LOG_EVERY = 512   # propose calls between log lines of the payoff gate's figures
 
 
@@ -98,6 +113,8 @@ class BlockProposer(Proposer):
         self._gen = torch.Generator()
         self.gate = PayoffGate()
         self._steps = 0
+        self._suffix = (SuffixProposer(SuffixOptions(tree=True, calibrate=self.options.calibrate))
+                        if self.options.suffix else None)
 
     def _set_max_block(self, trained: int) -> None:
         """Called by ``bind`` with the drafter's trained block length."""
@@ -137,12 +154,14 @@ class BlockProposer(Proposer):
 
     def finish(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
+        if self._suffix is not None:
+            self._suffix.finish(req_id)
 
     def _learn(self, st: BlockState, req: DraftRequest) -> None:
         if st.last is None or req.num_accepted is None:
             return
         st.adl.observe(req.num_accepted)
-        if st.greedy and st.buckets is not None and self.options.calibrate and not req.isolated:
+        if st.buckets is not None and self.options.calibrate and not req.isolated:
             self.calibrator.record(st.last, st.buckets, list(req.new_tokens))
         st.last = st.buckets = None
 
@@ -161,38 +180,56 @@ class BlockProposer(Proposer):
             n = st.adl.length if o.adaptive else self.max_block
             sts.append(st)
             lens.append(max(0, min(n, req.max_draft_tokens)))
+        # The suffix drafter's trees, uncut (the union is cut below).
+        side = (self._suffix.propose(requests, StepContext(batch_tokens=ctx.batch_tokens))
+                if self._suffix is not None else [DraftTree.empty()] * len(requests))
         trees = [DraftTree.empty() for _ in requests]
-        live = [i for i, n in enumerate(lens) if n > 0 and self._can_draft(sts[i])]
+        raws: list[dict | None] = [None] * len(requests)
+        fixed = [r.isolated for r in requests]
+        live = [i for i, n in enumerate(lens)
+                if n > 0 and self._can_draft(sts[i]) and not self._suffix_suffices(side[i])]
         if o.budget and not self.gate.begin(requests, ctx.batch_tokens):
             live = []
-        if not live:
-            self.gate.end(False)
-            return trees
-        logits = self._lattice([requests[i] for i in live], [sts[i] for i in live],
-                               max(lens[i] for i in live))
-        fixed = [r.isolated for r in requests]
+        if live:
+            logits = self._lattice([requests[i] for i in live], [sts[i] for i in live],
+                                   max(lens[i] for i in live))
         for row, i in enumerate(live):
             req, st, n = requests[i], sts[i], lens[i]
             lg = logits[row, :n].float()                          # [n, Vd]
             if req.temperature > 0 and o.sample:
                 trees[i] = self._sampled(req, lg, n)
                 fixed[i] = True   # a drawn shape is kept whole (its nodes are not ranked)
-                st.greedy = False
             else:
-                trees[i], st.buckets = self._greedy(req, lg)
-                st.greedy = True
+                trees[i], raws[i] = self._greedy(req, lg)
+        for i, req in enumerate(requests):
+            if len(side[i]) and trees[i].draft_dists is None:
+                trees[i] = self._with_suffix(req, trees[i], side[i])
         trees = fit_batch(trees, ctx.cost if o.budget else None, ctx.batch_tokens, fixed=fixed)
-        for i, st in enumerate(sts):
-            st.last = trees[i] if len(trees[i]) else None
-            if st.buckets is not None:
-                st.buckets = st.buckets[:len(trees[i])]
-        self.gate.end(any(len(t) for t in trees))
+        for st, tree, raw in zip(sts, trees, raws):
+            st.last = tree if len(tree) else None
+            st.buckets = None if raw is None else [
+                _bucket(d, raw[(d - 1, t)]) if (d - 1, t) in raw else None
+                for d, t in zip(tree.depths(), tree.tokens)]
+        self.gate.end(bool(live))
         return trees
+
+    @staticmethod
+    def _suffix_suffices(suffix: DraftTree) -> bool:
+        """The suffix draft alone is expected to commit at least ``SUFFIX_ENOUGH`` tokens
+        (calibrated): a long repeat, where the block pass would cost more than it adds."""
+        return len(suffix) > 0 and sum(suffix.path_probs()) >= SUFFIX_ENOUGH
+
+    def _with_suffix(self, req: DraftRequest, block: DraftTree, suffix: DraftTree) -> DraftTree:
+        """Greedy drafts of both drafters for one request: their union as a tree, or where
+        the request needs a chain, the chain with the longer expected accepted length."""
+        if self.options.tree and req.tree_ok:
+            return union([block, suffix], req.max_draft_tokens)
+        return max((block, suffix), key=lambda t: sum(t.path_probs()))
 
     def _can_draft(self, st: BlockState) -> bool:
         return True
 
-    def _greedy(self, req: DraftRequest, lg: torch.Tensor) -> tuple[DraftTree, list]:
+    def _greedy(self, req: DraftRequest, lg: torch.Tensor) -> tuple[DraftTree, dict]:
         o = self.options
         ids, probs = topk_lattice(torch.softmax(lg, dim=-1), o.topk)
         ids = self._to_target_ids(torch.from_numpy(ids)).numpy()   # [n, k] target ids
@@ -204,11 +241,9 @@ class BlockProposer(Proposer):
         else:
             tree = self._chain(req, ids, probs) or greedy_tree(
                 ids[:, :1], probs[:, :1], req.max_draft_tokens, scores=scores)
-        # Buckets from each node's raw draft probability (for the calibrator).
+        # Each lattice candidate's raw draft probability (the calibrator's buckets).
         raw = {(d, int(t)): float(p) for d in range(len(ids)) for t, p in zip(ids[d], probs[d])}
-        buckets = [_bucket(d, raw.get((d - 1, t), 0.0)) for d, t in zip(tree.depths(),
-                                                                           tree.tokens)]
-        return tree, buckets
+        return tree, raw
 
     def _sampled(self, req: DraftRequest, lg: torch.Tensor, n: int) -> DraftTree:
         o = self.options

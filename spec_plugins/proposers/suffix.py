@@ -349,5 +349,4 @@ class SuffixProposer(Proposer):
 
         tree = best_first(expand, req.max_draft_tokens, min_path_prob=o.min_token_prob,
                           max_depth=max(1, int(o.max_spec_factor * m)))
-        return tree, [buckets[tuple(tree.tokens[j] for j in tree.path_to(i))]
-                      for i in range(len(tree))]
+        return tree, [buckets[path] for path in tree.token_paths()]

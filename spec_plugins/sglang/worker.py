@@ -41,7 +41,8 @@ import torch
 from spec_plugins.cost import StepTimer
 from spec_plugins.proposers import proposer_class
 from spec_plugins.guard import GuardedProposer
-from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
+from spec_plugins.proposers.base import (CommittedStatesQueue, DraftRequest, ModelInfo,
+                                         StepContext)
 from spec_plugins.request_controls import max_draft_tokens
 from spec_plugins.sampling import sampling_probs
 from spec_plugins.sglang.config import settings_from
@@ -113,7 +114,7 @@ class SpecPluginsWorker(BaseSpecWorker):
         self.wants_topk = "target_topk" in self.proposer.needs
         self.wants_states = "hidden_states" in self.proposer.needs
         # Hidden states of committed tokens, queued per request until its next draft.
-        self._states: dict[str, list[CommittedStates]] = {}
+        self._states = CommittedStatesQueue()
         self._capture = {}
         if self.wants_states:
             self._capture = {"capture_hidden_mode": CaptureHiddenMode.FULL}
@@ -148,19 +149,9 @@ class SpecPluginsWorker(BaseSpecWorker):
 
     def _queue_states(self, rid: str, first_position: int, states: torch.Tensor) -> None:
         st = self._requests.get(rid)
-        if st is None or st.skip_reason or st.max_draft == 0 or not len(states):
+        if st is None or st.skip_reason or st.max_draft == 0:
             return   # never drafted for: nothing to keep
-        positions = torch.arange(first_position, first_position + len(states), dtype=torch.long)
-        self._states.setdefault(rid, []).append(CommittedStates(positions, states))
-
-    def _take_states(self, rid: str) -> CommittedStates | None:
-        parts = self._states.pop(rid, None)
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        return CommittedStates(torch.cat([p.positions for p in parts]),
-                               torch.cat([p.states for p in parts]))
+        self._states.put(rid, first_position, states)
 
     # ---- SGLang's worker protocol -------------------------------------------
     def clear_cache_pool(self):
@@ -362,7 +353,7 @@ class SpecPluginsWorker(BaseSpecWorker):
             if self.wants_topk:
                 ctx.target_topk = [self._requests[r.req_id].topk for r in requests]
             if self.wants_states:
-                ctx.hidden_states = [self._take_states(r.req_id) for r in requests]
+                ctx.hidden_states = [self._states.take(r.req_id) for r in requests]
             proposed = self.guard.propose(requests, ctx)
             for b, tree in zip(idx, proposed):
                 trees[b] = tree
@@ -390,7 +381,7 @@ class SpecPluginsWorker(BaseSpecWorker):
                         max_draft=max_draft_tokens(sp.custom_params, "custom_params"))
 
     def _finish(self, rid: str) -> None:
-        self._states.pop(rid, None)
+        self._states.drop(rid)
         if self._requests.pop(rid, None) is not None:
             self.guard.finish(rid)
 

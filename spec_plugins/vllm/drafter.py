@@ -30,10 +30,12 @@ import torch
 from spec_plugins.cost import StepTimer
 from spec_plugins.proposers import proposer_class
 from spec_plugins.guard import GuardedProposer
-from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
+from spec_plugins.proposers.base import (CommittedStatesQueue, DraftRequest, ModelInfo,
+                                         StepContext)
 from spec_plugins.request_controls import max_draft_tokens
 from spec_plugins.tree import DraftTree
 from spec_plugins.vllm import tree_step
+from spec_plugins.vllm.capture import HiddenCapture
 from spec_plugins.vllm.config import settings_from
 from spec_plugins.vllm.version import logger
 
@@ -137,9 +139,11 @@ class VllmDrafter:
         self._last_len: dict[str, int] = {}
         # Hidden states of committed tokens not yet handed to the proposer, and the next
         # position each request's states continue from.
-        self._states: dict[str, list[CommittedStates]] = {}
-        self._states_end: dict[str, int] = {}
+        self._states = CommittedStatesQueue()
         self._aux_order: list[int] | None = None
+        # Where the states come from on CPU (hooks install it; None: vLLM's auxiliary
+        # hidden-state outputs).
+        self.capture: HiddenCapture | None = None
         self._req_info: dict[str, RequestInfo] = {}
         self._logged_reasons: set[str] = set()
         self.timer = StepTimer(PRIOR_PER_TOKEN)
@@ -267,6 +271,8 @@ class VllmDrafter:
         """Queue, per request, the target hidden states of the tokens it committed in this
         step: every scheduled token of a prefill chunk or plain decode step; in a verify
         step the root and the accepted draft tokens (tree rows: the accepted path)."""
+        if self.capture is not None:
+            aux = self.capture.outputs()
         if aux is None:
             raise RuntimeError("spec_plugins: the runner passed no auxiliary hidden states")
         batch = runner.input_batch
@@ -289,7 +295,7 @@ class VllmDrafter:
             else:
                 local = range(len(sampled))
             start, p0 = int(qsl[i]), int(batch.num_computed_tokens_cpu[i])
-            end = self._states_end.get(req_id)
+            end = self._states.end(req_id)
             if end is not None and p0 < end:
                 # Recomputed from an earlier position (preempted and resumed): start over.
                 self._finish(req_id)
@@ -301,20 +307,8 @@ class VllmDrafter:
         states = torch.cat([aux[j].index_select(0, idx) for j in self._aux_order], dim=-1)
         off = 0
         for req_id, p0, n in owners:
-            self._states.setdefault(req_id, []).append(CommittedStates(
-                positions=torch.arange(p0, p0 + n, dtype=torch.long),
-                states=states[off:off + n]))
-            self._states_end[req_id] = p0 + n
+            self._states.put(req_id, p0, states[off:off + n])
             off += n
-
-    def _take_states(self, req_id: str) -> CommittedStates | None:
-        parts = self._states.pop(req_id, None)
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        return CommittedStates(torch.cat([p.positions for p in parts]),
-                               torch.cat([p.states for p in parts]))
 
     def propose_for_runner(self, runner, scheduler_output, sampled_token_ids,
                            aux_hidden_states=None) -> list[list[int]]:
@@ -368,7 +362,7 @@ class VllmDrafter:
                 self.target_model.bind(runner, {r.req_id: i for r, i in zip(requests, rows)})
                 ctx.target_model = self.target_model
             if self.wants_states:
-                ctx.hidden_states = [self._take_states(r.req_id) for r in requests]
+                ctx.hidden_states = [self._states.take(r.req_id) for r in requests]
             proposed = self.guard.propose(requests, ctx)
             for i, req, tree in zip(rows, requests, proposed):
                 if not tree.is_chain:
@@ -409,8 +403,7 @@ class VllmDrafter:
         self.guard.finish(req_id)
         self._last_len.pop(req_id, None)
         self._req_info.pop(req_id, None)
-        self._states.pop(req_id, None)
-        self._states_end.pop(req_id, None)
+        self._states.drop(req_id)
 
 
 @functools.cache

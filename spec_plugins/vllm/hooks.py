@@ -172,8 +172,17 @@ def _install_runner() -> None:
             if not layers:
                 return orig(self)
             from vllm.model_executor.models.interfaces import supports_eagle3
+            from vllm.platforms import current_platform
 
-            if not supports_eagle3(self.get_model()):
+            from spec_plugins.vllm.capture import HiddenCapture
+
+            model = self.get_model()
+            if current_platform.is_cpu() and HiddenCapture.supported(model):
+                # vLLM's auxiliary outputs slow a CPU forward down (capture.py).
+                drafter.capture = HiddenCapture(layers)
+                drafter.capture.install(model)
+                return
+            if not supports_eagle3(model):
                 raise NotImplementedError(
                     f"spec_plugins method {drafter.method!r} reads the target's hidden "
                     f"states through vLLM's auxiliary hidden-state outputs, which "

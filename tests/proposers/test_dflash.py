@@ -156,27 +156,54 @@ def test_block_length_adapts_to_acceptance(checkpoint):
     assert len(t) <= 2
 
 
-def test_greedy_speculation_with_dflash_equals_greedy_decoding(checkpoint):
-    """A toy target (fixed random next-token table) verified greedily: the proposer's
-    trees only change how many tokens a step commits, never which."""
-    g = np.random.default_rng(0)
-    table = g.integers(0, V, size=V)
+def decode_on_table(p, table, length, prompt=(3, 4, 5), max_draft=8):
+    """Greedy speculative decoding against a toy target (a fixed next-token table) with
+    target features drawn per token id: the sequence and the accepted count per step."""
     feats = torch.randn(V, len(LAYERS) * HT, generator=torch.Generator().manual_seed(5))
-    seq, plain = [3, 4, 5], [3, 4, 5]
-    while len(plain) < 40:
-        plain.append(int(table[plain[-1]]))
-    p = proposer(checkpoint, topk=2)
-    states_from, accepted = 0, None
-    while len(seq) < 40:
+    seq, states_from, accepted = list(prompt), 0, []
+    while len(seq) < length:
         new = torch.arange(states_from, len(seq) - 1)
         s = CommittedStates(new, feats[torch.tensor(seq[:-1], dtype=torch.long)[new]])
-        req = DraftRequest("r", np.array(seq), 3, [seq[-1]], 8, num_accepted=accepted)
+        req = DraftRequest("r", np.array(seq), len(prompt), [seq[-1]], max_draft,
+                           num_accepted=accepted[-1] if accepted else None)
         (tree,) = p.propose([req], StepContext(hidden_states=[s]))
+        assert len(tree) <= max_draft
         states_from = len(seq) - 1
         v = verify_on_table(tree, seq[-1], table)
         seq += v.emitted
-        accepted = v.num_accepted
-    assert seq[:40] == plain
+        accepted.append(v.num_accepted)
+    return seq[:length], accepted
+
+
+def test_greedy_speculation_with_dflash_equals_greedy_decoding(checkpoint):
+    """A toy target (fixed random next-token table) verified greedily: the proposer's
+    trees only change how many tokens a step commits, never which."""
+    table = np.random.default_rng(0).integers(0, V, size=V)
+    plain = [3, 4, 5]
+    while len(plain) < 40:
+        plain.append(int(table[plain[-1]]))
+    seq, _ = decode_on_table(proposer(checkpoint, topk=2), table, 40)
+    assert seq == plain
+
+
+@pytest.mark.parametrize("tree", [True, False])
+def test_suffix_drafts_join_the_block_drafts(checkpoint, tree):
+    """``suffix`` (the default): a target that repeats itself (a table walk enters a cycle) is drafted
+    from the suffix tries too: far more tokens per step than the untrained block drafter
+    alone, the same output, chains where trees are off."""
+    table = np.random.default_rng(3).integers(0, V, size=V)
+    plain = [3, 4, 5]
+    while len(plain) < 120:
+        plain.append(int(table[plain[-1]]))
+    alone = proposer(checkpoint, topk=2, tree=tree, budget=False, suffix=False)
+    both = proposer(checkpoint, topk=2, tree=tree, budget=False)
+    seq_alone, acc_alone = decode_on_table(alone, table, 120)
+    seq_both, acc_both = decode_on_table(both, table, 120)
+    assert seq_alone == plain and seq_both == plain
+    assert len(acc_both) < 0.6 * len(acc_alone)
+    if not tree:
+        last = both._requests["r"].last
+        assert last is None or last.is_chain
 
 
 def test_payoff_gate_skips_the_draft_pass_when_it_does_not_pay(checkpoint, monkeypatch):

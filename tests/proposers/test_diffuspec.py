@@ -92,11 +92,13 @@ def test_greedy_speculation_equals_greedy_decoding(checkpoint, opts):
 
 def test_cps_chain_follows_the_requests_own_bigrams(checkpoint):
     """With a heavy causal weight, a chain continues as the request's history did."""
-    p = proposer(checkpoint, tree=False, cps_weight=50.0, topk=V, adaptive=False, max_block=3)
+    p = proposer(checkpoint, tree=False, cps_weight=50.0, topk=V, adaptive=False, max_block=3,
+                 suffix=False)
     hist = [7, 8, 9, 7, 8, 9, 7, 8, 9, 7]
     (tree,) = p.propose([DraftRequest("r", np.array(hist), 2, [7], 8)], StepContext())
     assert tree.tokens == [8, 9, 7]
-    argmax = proposer(checkpoint, tree=False, cps_weight=0.0, adaptive=False, max_block=3)
+    argmax = proposer(checkpoint, tree=False, cps_weight=0.0, adaptive=False, max_block=3,
+                      suffix=False)
     (plain,) = argmax.propose([DraftRequest("r", np.array(hist), 2, [7], 8)], StepContext())
     assert plain.tokens == p.drafter.lattice([("x", hist)], 3)[0].argmax(-1).tolist()
 
