@@ -16,16 +16,15 @@ on a GPU the hooks keep vLLM's auxiliary outputs (``hooks.make_aux``).
 
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import torch
 
-# A compiled graph can pass an op only tensors and scalars, so the op finds the capture
-# that owns its states by number. Entries are added when a drafter installs its capture
-# on the target (once per engine process) and never change afterwards.
-_CAPTURES: dict[int, "HiddenCapture"] = {}
-_ids = itertools.count()
+# The capture the op hands states to: set when a drafter installs its capture on the
+# target (an engine process has one target). A compiled graph can pass an op only
+# tensors and constants, and vLLM may run a graph an earlier process compiled (its
+# compile cache), so the op cannot name its capture by a per-process value.
+_active: "HiddenCapture | None" = None
 _LIB: torch.library.Library | None = None
 
 
@@ -34,15 +33,15 @@ def _register_op() -> None:
     if _LIB is not None:
         return
     lib = torch.library.Library("spec_plugins", "FRAGMENT")
-    lib.define("capture_hidden(Tensor x, Tensor? residual, int capture, int layer) -> ()")
+    lib.define("capture_hidden(Tensor x, Tensor? residual, int layer) -> ()")
 
-    def capture_hidden(x, residual, capture: int, layer: int) -> None:
+    def capture_hidden(x, residual, layer: int) -> None:
         # The residual stream after the layer; copied now, before the next layer's fused
         # add-and-norm overwrites its inputs in place.
-        _CAPTURES[capture].states[layer] = x + residual if residual is not None else x.clone()
+        _active.states[layer] = x + residual if residual is not None else x.clone()
 
     lib.impl("capture_hidden", capture_hidden, "CPU")
-    lib._register_fake("capture_hidden", lambda x, residual, capture, layer: None)
+    lib._register_fake("capture_hidden", lambda x, residual, layer: None)
     # No outputs: without this the graph would drop the call as dead code.
     torch.fx.node.has_side_effect(torch.ops.spec_plugins.capture_hidden.default)
     _LIB = lib
@@ -55,7 +54,6 @@ class HiddenCapture:
     def __init__(self, layer_ids: Sequence[int]):
         self.layer_ids = tuple(layer_ids)
         self.states: dict[int, torch.Tensor] = {}      # layer id -> [num_tokens, hidden]
-        self.key = next(_ids)
 
     @staticmethod
     def supported(model) -> bool:
@@ -72,13 +70,14 @@ class HiddenCapture:
         inner = _eagle_module(model)
         if inner is None:
             raise RuntimeError(f"{type(model).__name__} has no EagleModelMixin module")
+        global _active
         _register_op()
-        _CAPTURES[self.key] = self
-        ids, key, op = frozenset(self.layer_ids), self.key, torch.ops.spec_plugins.capture_hidden
+        _active = self
+        ids, op = frozenset(self.layer_ids), torch.ops.spec_plugins.capture_hidden
 
         def _maybe_add_hidden_state(aux, layer_idx, hidden_states, residual):
             if layer_idx in ids:
-                op(hidden_states, residual, key, layer_idx)
+                op(hidden_states, residual, layer_idx)
             return aux
 
         # An instance attribute: the model's forward calls it in place of the mixin's
@@ -89,6 +88,12 @@ class HiddenCapture:
     def outputs(self) -> list[torch.Tensor]:
         """The last forward's states, one ``[num_tokens, hidden]`` tensor per layer id in
         ``layer_ids`` order (vLLM's auxiliary outputs' layout)."""
+        missing = [i for i in self.layer_ids if i not in self.states]
+        if missing:
+            raise RuntimeError(
+                f"spec_plugins: the target's forward captured no hidden states for layer ids "
+                f"{missing}: vLLM ran a graph compiled for other layers (its compile cache, "
+                f"~/.cache/vllm/torch_compile_cache, predates this drafter); remove it")
         return [self.states[i] for i in self.layer_ids]
 
 
