@@ -90,9 +90,8 @@ class BlockState:
 
 
 # Expected accepted tokens of a request's suffix draft from which its block pass is
-# skipped: the pass costs about a tenth of a step on a 2-core CPU, and skipping it there
-# took the union from 1.39x to 1.40x vanilla at batch 1, HumanEval 1.31x to 1.36x
-# (integration/RESULTS.md, issue 10, fourth run).
+# skipped: the pass costs about a tenth of a step on a 2-core CPU, about what the block
+# adds to a confident suffix draft (integration/RESULTS.md, issue 10, fourth run).
 SUFFIX_ENOUGH = 1.0
 LOG_EVERY = 512   # propose calls between log lines of the payoff gate's figures
 
