@@ -112,7 +112,10 @@ class BlockProposer(Proposer):
         self._gen = torch.Generator()
         self.gate = PayoffGate()
         self._steps = 0
-        self._suffix = (SuffixProposer(SuffixOptions(tree=True, calibrate=self.options.calibrate))
+        # Chains where this method drafts chains: the union of two chains is then their
+        # better one (``_with_suffix``), never a branching suffix tree.
+        self._suffix = (SuffixProposer(SuffixOptions(tree=self.options.tree,
+                                                     calibrate=self.options.calibrate))
                         if self.options.suffix else None)
 
     def _set_max_block(self, trained: int) -> None:

@@ -57,19 +57,16 @@ class HiddenCapture:
 
     @staticmethod
     def supported(model) -> bool:
-        return _eagle_module(model) is not None
-
-    def install(self, model) -> None:
-        """Make ``model`` (before its first forward, so before it is compiled) hand its
-        states at ``layer_ids`` to this capture."""
+        """On vLLM's CPU backend (no CUDA graphs to freeze the op), for a model whose
+        forward appends auxiliary states (``EagleModelMixin``)."""
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu():
-            raise RuntimeError("HiddenCapture runs on vLLM's CPU backend only (CUDA graphs "
-                               "would freeze the capture)")
+        return current_platform.is_cpu() and _eagle_module(model) is not None
+
+    def install(self, model) -> None:
+        """Make ``model`` (where :meth:`supported`; before its first forward, so before it
+        is compiled) hand its states at ``layer_ids`` to this capture."""
         inner = _eagle_module(model)
-        if inner is None:
-            raise RuntimeError(f"{type(model).__name__} has no EagleModelMixin module")
         global _active
         _register_op()
         _active = self

@@ -11,7 +11,8 @@ and hands vLLM back each draft's nodes as the request's speculative tokens.
   ``tree_step.py``: this drafter owns that step's :class:`~spec_plugins.vllm.tree_step.
   TreeStep` and hands it to the tree attention builders and to the verifier.
 - Methods that read the target's hidden states get them at the tokens each request
-  committed (vLLM's auxiliary hidden-state outputs of the target's forward pass).
+  committed, from the target's own forward pass (on CPU ``capture.HiddenCapture``; else
+  vLLM's auxiliary hidden-state outputs).
 
 vLLM reaches this object only through ``spec_plugins.vllm.hooks``: ``load_model``,
 ``aux_hidden_state_layers``, ``on_inputs_prepared``, ``on_logits``, ``on_verified``,

@@ -172,12 +172,10 @@ def _install_runner() -> None:
             if not layers:
                 return orig(self)
             from vllm.model_executor.models.interfaces import supports_eagle3
-            from vllm.platforms import current_platform
-
             from spec_plugins.vllm.capture import HiddenCapture
 
             model = self.get_model()
-            if current_platform.is_cpu() and HiddenCapture.supported(model):
+            if HiddenCapture.supported(model):
                 # vLLM's auxiliary outputs slow a CPU forward down (capture.py).
                 drafter.capture = HiddenCapture(layers)
                 drafter.capture.install(model)
