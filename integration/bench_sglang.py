@@ -38,6 +38,8 @@ def spec(method: str, width: int, **options) -> tuple[list[str], dict]:
 
 CONFIGS: dict[str, tuple[list[str], dict | None]] = {
     "vanilla": (BASE, None),
+    # Without the overlap scheduler, as SGLang runs every speculative algorithm here.
+    "vanilla-sync": (BASE + ["--disable-overlap-schedule"], None),
     # SGLang's own n-gram drafter with its defaults.
     "ngram": (BASE + ["--speculative-algorithm", "NGRAM"], None),
     "suffix-chain": spec("suffix", 9, tree=False),
@@ -48,15 +50,18 @@ CONFIGS: dict[str, tuple[list[str], dict | None]] = {
     # alone, and with suffix-trie drafts joined (the method's default).
     "dflash-chain": spec("dflash", 8, tree=False, suffix=False),
     "dflash-tree": spec("dflash", 13, tree=True, suffix=False),
+    "dflash-suffix-chain": spec("dflash", 9, tree=False, suffix=True),
     "dflash-suffix": spec("dflash", 17, tree=True, suffix=True),
 }
 
 
-def one(client, messages, max_tokens):
+def one(client, messages, max_tokens, draft_off=False):
     """(text, output tokens, verify steps) of one greedy chat completion."""
+    extra = {"return_spec_tokens_details": True}
+    if draft_off:
+        extra["custom_params"] = bench_vllm.DRAFT_OFF
     r = client.chat.completions.create(model="default", messages=messages, temperature=0,
-                                       max_tokens=max_tokens,
-                                       extra_body={"return_spec_tokens_details": True})
+                                       max_tokens=max_tokens, extra_body=extra)
     details = ((r.model_extra or {}).get("sglext") or {}).get("spec_tokens_details") or {}
     if isinstance(details, list):
         details = details[0] if details else {}
@@ -64,7 +69,7 @@ def one(client, messages, max_tokens):
             int(details.get("spec_verify_ct", 0) or 0))
 
 
-def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
+def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, draft_off=False):
     import openai
 
     flags, options = CONFIGS[name]
@@ -79,7 +84,9 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir):
                 convs = prompts(cat, n, start=j * n)
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(conc) as pool:
-                    outs = list(pool.map(lambda c: one(client, c, max_tokens), convs))
+                    outs = list(pool.map(
+                        lambda c: one(client, c, max_tokens, draft_off and options is not None),
+                        convs))
                 dt = time.perf_counter() - t0
                 tokens = sum(o[1] for o in outs)
                 verifies = sum(o[2] for o in outs)
@@ -105,6 +112,9 @@ def main():
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--svg", default=None, help="write a plot here")
     ap.add_argument("--log-dir", default=None, help="keep each server's log here")
+    ap.add_argument("--draft-off", action="store_true", help="every request asks for no "
+                    "drafts (custom_params spec_plugins_max_draft_tokens 0): what each "
+                    "method costs when it does not draft")
     a = ap.parse_args()
     if a.model is None:
         from spec_plugins.default_model import build
@@ -119,7 +129,7 @@ def main():
     res = {}
     for c in a.configs:
         res[c] = run_config(c, a.model, a.categories, a.n, a.max_tokens, a.concurrency,
-                            a.log_dir)
+                            a.log_dir, a.draft_off)
     vllm = [f"vllm:{c}" for c in a.vllm_configs]
     drafter = None
     for c in a.vllm_configs:
@@ -129,7 +139,7 @@ def main():
             drafter = str(default_drafter_dir(a.model))
         res[f"vllm:{c}"], _ = bench_vllm.run_config(c, a.model, a.categories, a.n,
                                                     a.max_tokens, a.concurrency, a.log_dir,
-                                                    drafter)
+                                                    drafter, a.draft_off)
     print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
           f"max_tokens {a.max_tokens}; SGLang configs vs SGLang vanilla"
           + (", vllm: configs vs vLLM vanilla" if vllm else "") + "\n")

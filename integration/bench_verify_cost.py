@@ -5,9 +5,12 @@ distribution, which the target rejects almost always) drafts exactly ``k`` token
 step, so every step commits one token and tokens per second is the step rate. ``k = 0`` is
 vanilla without async scheduling (as vLLM runs every custom proposer). The difference
 between rows is what verification of the extra tokens costs on this machine, the
-quantity the verify-cost model calibrates online:
+quantity the verify-cost model calibrates online. ``--tree``: the k tokens form a tree
+(two branches at the first position, k/2 deep), verified through the tree path (tree
+attention, tree sampler) instead of vLLM's chain path:
 
     .venv/bin/python integration/bench_verify_cost.py --depths 0 1 2 4 6 8 12
+    .venv/bin/python integration/bench_verify_cost.py --depths 2 4 8 --tree
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def main() -> None:
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 1, 2, 4, 8, 12])
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=2, help="best of this many rounds")
+    ap.add_argument("--tree", action="store_true", help="k tokens as a two-branch tree "
+                    "(k even)")
     args = ap.parse_args()
 
     import openai
@@ -43,7 +48,8 @@ def main() -> None:
         spec, extra, flags = None, None, ["--no-async-scheduling"]
         if k:
             spec = {"model": "spec_plugins.vllm.test_sampled", "num_speculative_tokens": k}
-            extra, flags = {"spec_plugins": {"depth": k}}, []
+            options = {"depth": k // 2, "tree": True} if args.tree else {"depth": k}
+            extra, flags = {"spec_plugins": options}, []
         with vllm_server(model, spec, extra, extra=flags, extra_path=METHOD_PKG) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
             client.chat.completions.create(model="default", max_tokens=16,
@@ -59,7 +65,9 @@ def main() -> None:
                 best = max(best, tokens / (time.perf_counter() - t0))
         step = 1000 / best
         base = base or step
-        print(f"{k:3d} draft tokens: {step:5.1f} ms per step ({step / base:.2f}x k=0's)",
+        shape = "tree" if args.tree and k else "chain"
+        print(f"{k:3d} draft tokens ({shape}): {step:5.1f} ms per step ({step / base:.2f}x "
+              "the first row's)",
               flush=True)
 
 
