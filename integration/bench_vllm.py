@@ -100,6 +100,20 @@ def one(client, messages, max_tokens, draft_off=False):
     return list(r.choices[0].token_ids)
 
 
+def pool(a: dict, b: dict) -> dict:
+    """Two rounds of one configuration as one: tokens and seconds added (tok/s over both),
+    the first round's outputs and per-position acceptance."""
+    out = dict(a)
+    for key, r in b.items():
+        if isinstance(key, tuple):
+            x = a[key]
+            tokens, seconds = x["tokens"] + r["tokens"], x["seconds"] + r["seconds"]
+            mal = None if x["mal"] is None else (x["mal"] + r["mal"]) / 2
+            out[key] = {**x, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+                        "mal": mal}
+    return out
+
+
 def with_drafter(config: dict | None, drafter: str) -> dict | None:
     """``config`` with the ``"{drafter}"`` placeholder replaced by the drafter's path."""
     if config is None:
@@ -164,6 +178,9 @@ def main():
     ap.add_argument("--draft-off", action="store_true", help="every request asks for no "
                     "drafts (spec_plugins_max_draft_tokens 0): what each method costs when it "
                     "does not draft")
+    ap.add_argument("--rounds", type=int, default=1, help="run every configuration this "
+                    "many times, each round in a rotated order, and pool them (small "
+                    "differences on a noisy machine)")
     ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
                     "(default: the one spec-plugins-train-drafter built for the model)")
     a = ap.parse_args()
@@ -179,10 +196,21 @@ def main():
         a.configs.insert(0, "vanilla")
     if a.log_dir:
         Path(a.log_dir).mkdir(parents=True, exist_ok=True)
-    res, choices = {}, {}
-    for c in a.configs:
-        res[c], choices[c] = run_config(c, a.model, a.categories, a.n, a.max_tokens,
-                                        a.concurrency, a.log_dir, a.drafter, a.draft_off)
+    res, choices = {}, {c: [] for c in a.configs}
+    for rnd in range(a.rounds):
+        # Each round starts one configuration later: drift of the machine over a run
+        # falls on every configuration alike.
+        k = rnd % len(a.configs)
+        this = {}
+        for c in a.configs[k:] + a.configs[:k]:
+            this[c], ch = run_config(c, a.model, a.categories, a.n, a.max_tokens,
+                                     a.concurrency, a.log_dir, a.drafter, a.draft_off)
+            choices[c] += ch
+            res[c] = pool(res[c], this[c]) if c in res else this[c]
+        if a.rounds > 1:
+            for t in totals_of(this, a.configs, a.categories, a.concurrency):
+                print(f"  round {rnd + 1}: {t['config']:15s} c={t['concurrency']}: "
+                      f"{t['speedup']:.3f}x", file=sys.stderr, flush=True)
 
     print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
           f"max_tokens {a.max_tokens}\n")

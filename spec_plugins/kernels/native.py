@@ -78,11 +78,27 @@ def _load() -> ctypes.CDLL:
     f.argtypes = [p, i64, p, i64, p, p, p, i64, p, p, p, i32, i32, i32, i32, i32,
                   ctypes.c_float]
     f.restype = ctypes.c_int
+    f = lib.tree_attention_slots_f32
+    f.argtypes = [p, i64, p, i64, p, p, p, p, i64, p, p, p, i32, i32, i32, i32,
+                  ctypes.c_float]
+    f.restype = ctypes.c_int
     return lib
 
 
 def tree_attention():
-    """The C function ``tree_attention_f32`` (see the source), or None."""
+    """The C function ``tree_attention_f32`` (vLLM's cache layout; see the source), or
+    None."""
+    lib = _library()
+    return None if lib is None else lib.tree_attention_f32
+
+
+def tree_attention_slots():
+    """The C function ``tree_attention_slots_f32`` (a token-slot cache), or None."""
+    lib = _library()
+    return None if lib is None else lib.tree_attention_slots_f32
+
+
+def _library() -> ctypes.CDLL | None:
     global _lib, _reason, _tried
     if not _tried:
         _tried = True
@@ -93,7 +109,7 @@ def tree_attention():
                 _lib = _load()
             except Exception as e:  # a missing compiler must not break the engine
                 _reason = str(e)
-    return None if _lib is None else _lib.tree_attention_f32
+    return _lib
 
 
 def unavailable_reason() -> str | None:

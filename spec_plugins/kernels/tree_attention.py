@@ -7,10 +7,18 @@ so every query token sees the ``prefix_len`` cached tokens plus the tree tokens 
 its ancestors or itself: the tree mask. (RoPE positions are ``prefix_len + depth``,
 not ``prefix_len + j``: the caller sets them before the layers run.)
 
-The cache layout is vLLM's CPU one (``CPU_ATTN``, x86 ``vec`` ISA): per block and KV
-head, ``block_size`` keys stored transposed (``[head_dim, block_size]``), then
-``block_size`` values (``[block_size, head_dim]``); :func:`split_cache` gives the two
-views. Keys being transposed is what makes the score product a plain matmul.
+Two cache layouts:
+
+- vLLM's CPU one (``CPU_ATTN``, x86 ``vec`` ISA): per block and KV head, ``block_size``
+  keys stored transposed (``[head_dim, block_size]``), then ``block_size`` values
+  (``[block_size, head_dim]``); :func:`split_cache` gives the two views. Keys being
+  transposed is what makes the score product a plain matmul. Plan: :func:`plan`.
+- a token-slot cache (SGLang's ``MHATokenToKVPool``): keys and values in two tensors
+  ``[slots, kv_heads, head_dim]``, request ``r``'s position ``p`` in slot
+  ``slot_table[r, p]``. Plan: :func:`plan_slots`; C path :func:`run_native_slots`
+  (tiles of keys are gathered into the transposed layout inside the kernel). It is
+  the vLLM layout with ``block_size`` 1 and the slot table as block table, which is how
+  :func:`reference` checks it.
 
 Like FlashInfer's wrappers, the work splits in two:
 
@@ -49,6 +57,7 @@ class TreePlan:
     blocks: torch.Tensor         # [R, nblk] int32: KV blocks read per request
     block_size: int
     ancestors: list[np.ndarray]  # per request [q, q] bool: token i sees token j
+    slots: torch.Tensor | None = None  # [R, >= prefix + q] int64: a token-slot cache's
     _padded: "Padded | None" = None
 
     @property
@@ -82,14 +91,26 @@ def ancestor_masks(parents: Sequence[Sequence[int]]) -> list[np.ndarray]:
     return out
 
 
-def plan(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
-         block_table: torch.Tensor, block_size: int) -> TreePlan:
-    """``block_table[r]``: the physical blocks of request ``r``'s logical positions."""
+def parents_of_masks(masks: np.ndarray) -> list[list[int]] | None:
+    """The inverse of :func:`ancestor_masks` for ``[R, q, q]`` ancestor-or-self masks
+    (root first, nodes after their parents): each node's parent is its latest
+    ancestor. None when some mask is not such a tree mask."""
+    R, q = masks.shape[:2]
+    lower = np.tril(masks, k=-1)
+    latest = np.where(lower.any(-1), q - 1 - np.argmax(lower[:, :, ::-1], axis=-1), -1)
+    parents = [[int(p) - 1 for p in latest[r, 1:]] for r in range(R)]
+    if (latest[:, 1:] < 0).any():
+        return None                       # a node that does not see the root
+    if not np.array_equal(np.stack(ancestor_masks(parents)), masks):
+        return None
+    return parents
+
+
+def _plan(prefix_lens, parents, **kw) -> TreePlan:
     anc = ancestor_masks(parents)
     R = len(anc)
     q_lens = np.array([m.shape[0] for m in anc], dtype=np.int64)
     prefix = np.asarray(prefix_lens, dtype=np.int64)
-    nblk = int((int((prefix + q_lens).max()) + block_size - 1) // block_size)
     tok_parents = np.concatenate(
         [np.concatenate([[-1], np.asarray(par, dtype=np.int64) + 1]) for par in parents])
     q_start = np.zeros(R + 1, dtype=np.int32)
@@ -97,9 +118,27 @@ def plan(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
     return TreePlan(
         q_start=torch.from_numpy(q_start),
         prefix_lens=torch.from_numpy(prefix.astype(np.int32)),
-        parents=torch.from_numpy(tok_parents.astype(np.int32)),
-        blocks=block_table[:R, :nblk].to(torch.int32).contiguous(),
-        block_size=block_size, ancestors=anc)
+        parents=torch.from_numpy(tok_parents.astype(np.int32)), ancestors=anc, **kw)
+
+
+def plan(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
+         block_table: torch.Tensor, block_size: int) -> TreePlan:
+    """``block_table[r]``: the physical blocks of request ``r``'s logical positions."""
+    R = len(parents)
+    longest = max(int(p) + len(par) + 1 for p, par in zip(prefix_lens, parents))
+    nblk = (longest + block_size - 1) // block_size
+    return _plan(prefix_lens, parents,
+                 blocks=block_table[:R, :nblk].to(torch.int32).contiguous(),
+                 block_size=block_size)
+
+
+def plan_slots(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
+               slot_table: torch.Tensor) -> TreePlan:
+    """A token-slot cache: ``slot_table[r, p]`` is the KV slot of request ``r``'s
+    position ``p`` (its prefix, then its root and tree tokens)."""
+    R = len(parents)
+    return _plan(prefix_lens, parents, blocks=torch.zeros(R, 0, dtype=torch.int32),
+                 block_size=1, slots=slot_table[:R].to(torch.int64).contiguous())
 
 
 def _pad(p: TreePlan) -> Padded:
@@ -198,6 +237,33 @@ def run_native(p: TreePlan, query: torch.Tensor, output: torch.Tensor,
            tokens.data_ptr(), kv_cache.data_ptr(), p.blocks.data_ptr(), p.blocks.stride(0),
            p.q_start.data_ptr(), p.prefix_lens.data_ptr(), p.parents.data_ptr(),
            len(p.prefix_lens), H, kvh, D, bs, scale)
+    if rc != 0:
+        raise MemoryError("tree attention: could not allocate its work buffers")
+    return True
+
+
+def run_native_slots(p: TreePlan, query: torch.Tensor, output: torch.Tensor,
+                     tokens: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scale: float) -> bool:
+    """:func:`run_native` for a token-slot cache (a :func:`plan_slots` plan): ``key``
+    and ``value`` ``[slots, kv_heads, D]``. Returns False (and does nothing) when the
+    kernel is not built or the tensors are not float32 rows it can read in place."""
+    f = native.tree_attention_slots()
+    tensors = (query, output, key, value)
+    if f is None or any(t.dtype != torch.float32 for t in tensors):
+        return False
+    N, H, D = query.shape
+    if (query.stride(2) != 1 or query.stride(1) != D or output.stride(2) != 1
+            or output.stride(1) != D or not key.is_contiguous() or not value.is_contiguous()):
+        return False
+    kvh = key.shape[1]
+    if H % kvh or key.shape[2] != D:
+        return False
+    tokens = tokens.to(torch.int64).contiguous()
+    rc = f(query.data_ptr(), query.stride(0), output.data_ptr(), output.stride(0),
+           tokens.data_ptr(), key.data_ptr(), value.data_ptr(), p.slots.data_ptr(),
+           p.slots.stride(0), p.q_start.data_ptr(), p.prefix_lens.data_ptr(),
+           p.parents.data_ptr(), len(p.prefix_lens), H, kvh, D, scale)
     if rc != 0:
         raise MemoryError("tree attention: could not allocate its work buffers")
     return True

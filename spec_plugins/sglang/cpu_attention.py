@@ -2,9 +2,12 @@
 
 SGLang's ``torch_native`` backend treats ``ForwardMode.TARGET_VERIFY`` as a plain
 extend and ignores the speculative tree mask, so sibling draft tokens would see each
-other. This backend verifies a batch of draft trees in one SDPA call per layer: each
-request's ``n`` tree queries attend to its cached prefix plus the tree tokens its mask
-allows. Decode is batched the same way (one SDPA per layer instead of one per request);
+other. This backend verifies a batch of draft trees with spec_plugins' tree-attention C
+kernel reading SGLang's token-slot KV cache in place (``kernels.tree_attention``'s slot
+layout; float32, tree masks): each request's ``n`` tree queries attend to its cached
+prefix plus the tree tokens its mask allows. Where the kernel does not apply (no C
+compiler, another dtype, a mask with prefix columns) one SDPA call per layer does the
+same. Decode is batched with SDPA (one call per layer instead of one per request);
 prefill and anything unusual (cross attention, sliding windows, encoders) stay with
 torch_native.
 
@@ -31,6 +34,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from spec_plugins.kernels import tree_attention
 from spec_plugins.sglang.platform import ATTENTION_BACKEND
 from spec_plugins.sglang.version import logger
 
@@ -44,6 +48,7 @@ class _BatchedKV:
     slots: torch.Tensor  # [bs, kv_len] int64 KV-pool slots (padding reads slot 0)
     mask: torch.Tensor | None  # [bs, 1, q_per_req, kv_len] bool; None: all visible
     q_per_req: int
+    tree: tree_attention.TreePlan | None = None  # the C kernel's plan (verify only)
 
 
 class CpuAttnBackend(TorchNativeAttnBackend):
@@ -88,6 +93,16 @@ class CpuAttnBackend(TorchNativeAttnBackend):
         plan = self._plan(forward_batch)
         bs, n = plan.slots.shape[0], plan.q_per_req
         heads, kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
+        if plan.tree is not None:
+            query = q.reshape(bs * n, heads, layer.qk_head_dim)
+            out = torch.empty_like(query)
+            done = tree_attention.run_native_slots(
+                plan.tree, query, out, torch.arange(bs * n),
+                self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id), layer.scaling)
+            self._log_verify_path(done, query.dtype)
+            if done:
+                return out.view(bs * n, heads * layer.v_head_dim)
         # [bs * n, heads, d] -> [bs, heads, n, d]
         query = q.reshape(bs, n, heads, layer.qk_head_dim).transpose(1, 2)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[plan.slots]
@@ -99,6 +114,20 @@ class CpuAttnBackend(TorchNativeAttnBackend):
             query, keys, values, attn_mask=plan.mask, scale=layer.scaling,
             enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).reshape(bs * n, heads * layer.v_head_dim)
+
+
+    def _log_verify_path(self, native: bool, dtype) -> None:
+        if getattr(self, "_verify_path_logged", False):
+            return
+        self._verify_path_logged = True
+        if native:
+            logger.info("spec_plugins: tree verification uses the C tree-attention kernel "
+                        "on SGLang's KV cache (%s)", dtype)
+        else:
+            from spec_plugins.kernels import native as kernels
+
+            logger.info("spec_plugins: tree verification uses SDPA (the C kernel: %s)",
+                        kernels.unavailable_reason() or f"not for {dtype}")
 
 
 def _needs_torch_native(layer, forward_batch) -> bool:
@@ -137,7 +166,26 @@ def _verify_plan(forward_batch, req_to_token_pool) -> _BatchedKV:
     prefix_mask, tree_mask = verify_masks(spec.custom_mask, seq_lens, n, prefix_valid)
     mask = torch.cat([prefix_mask, tree_mask], dim=2)[:, None]
     tree_slots = forward_batch.out_cache_loc.long().view(bs, n)
-    return _BatchedKV(forward_batch, torch.cat([slots, tree_slots], dim=1), mask, n)
+    return _BatchedKV(forward_batch, torch.cat([slots, tree_slots], dim=1), mask, n,
+                      _kernel_plan(spec.custom_mask, seq_lens, slots, tree_slots, tree_mask))
+
+
+def _kernel_plan(custom_mask, seq_lens, prefix_slots, tree_slots, tree_mask):
+    """The tree-attention kernel's plan, or None where it does not apply: a mask with
+    prefix columns (a node that does not see all of its prefix) or one that is not a
+    tree's ancestor-or-self mask."""
+    bs, n = tree_slots.shape
+    if custom_mask is not None and custom_mask.numel() != bs * n * n:
+        return None
+    parents = tree_attention.parents_of_masks(tree_mask.cpu().numpy())
+    if parents is None:
+        return None
+    width = prefix_slots.shape[1]
+    table = torch.zeros(bs, width + n, dtype=torch.int64)
+    table[:, :width] = prefix_slots
+    # Position seq_len + j of request r is its tree token j.
+    table.scatter_(1, seq_lens.cpu()[:, None] + torch.arange(n), tree_slots.cpu())
+    return tree_attention.plan_slots(seq_lens.tolist(), parents, table)
 
 
 def verify_masks(custom_mask: torch.Tensor, seq_lens: torch.Tensor, n: int,

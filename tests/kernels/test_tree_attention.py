@@ -192,3 +192,69 @@ def test_native_declines_what_it_does_not_handle(monkeypatch):
     monkeypatch.setenv("SPEC_PLUGINS_NATIVE", "0")
     assert not ta.run_native(plan, q, out, rows, kv, 0.1)
     assert "SPEC_PLUGINS_NATIVE=0" in native.unavailable_reason()
+
+
+def slot_batch(seed, sizes, prefixes, d=D, num_slots=700):
+    """A token-slot cache (SGLang's layout): K and V [slots, KVH, d], each request's
+    positions in random slots; positions past a request's tokens hold NaN slots."""
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    key = torch.randn(num_slots, KVH, d, generator=g)
+    value = torch.randn(num_slots, KVH, d, generator=g)
+    lens = [p + n + 1 for p, n in zip(prefixes, sizes)]
+    perm = rng.permutation(num_slots - 1) + 1
+    table = torch.zeros(len(sizes), max(lens) + 3, dtype=torch.int64)
+    used = 0
+    for r, n in enumerate(lens):
+        table[r, :n] = torch.from_numpy(perm[used:used + n])
+        used += n
+    key[0] = value[0] = float("nan")          # slot 0: what the table's padding points at
+    parents = [random_parents(rng, n) for n in sizes]
+    q = torch.randn(sum(n + 1 for n in sizes), H, d, generator=g)
+    return key, value, table, parents, q
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+@pytest.mark.parametrize("seed,d", [(0, D), (1, D), (2, 64), (3, 40)])
+def test_slot_cache_kernel_matches_reference(seed, d):
+    """The slot-cache entry point against the definition: a slot cache is the vLLM layout
+    with block size 1 and the slot table as block table. Padding slots (NaN) are never
+    read."""
+    rng = np.random.default_rng(200 + seed)
+    R = int(rng.integers(1, 6))
+    sizes = [int(rng.integers(0, 12)) for _ in range(R)]
+    prefixes = [int(rng.integers(0, 150)) for _ in range(R)]
+    key, value, table, parents, q = slot_batch(seed, sizes, prefixes, d)
+    plan = ta.plan_slots(prefixes, parents, table)
+    out = torch.full_like(q, float("nan"))
+    assert ta.run_native_slots(plan, q, out, torch.arange(len(q)), key, value, 0.17), \
+        native.unavailable_reason()
+    want = ta.reference(prefixes, parents, table, 1, q, key.unsqueeze(-1),
+                        value.unsqueeze(2), 0.17)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_slot_kernel_declines_what_it_does_not_handle():
+    key, value, table, parents, q = slot_batch(4, [2], [9])
+    plan = ta.plan_slots([9], parents, table)
+    out = torch.zeros_like(q)
+    rows = torch.arange(len(q))
+    assert not ta.run_native_slots(plan, q.double(), out.double(), rows, key.double(),
+                                   value.double(), 0.1)
+    assert not ta.run_native_slots(plan, q, out, rows, key[:, :, :D // 2], value, 0.1)
+    assert (out == 0).all()
+
+
+def test_parents_of_masks_inverts_ancestor_masks():
+    rng = np.random.default_rng(9)
+    parents = [random_parents(rng, 11) for _ in range(4)]
+    masks = np.stack(ta.ancestor_masks(parents))
+    assert ta.parents_of_masks(masks) == parents
+    chain = np.tril(np.ones((1, 5, 5), dtype=bool))
+    assert ta.parents_of_masks(chain) == [[-1, 0, 1, 2]]
+    not_a_tree = masks.copy()
+    not_a_tree[0, 5, 0] = False                  # a node that does not see the root
+    assert ta.parents_of_masks(not_a_tree) is None
+    skips = chain.copy()
+    skips[0, 4, 2] = False                       # sees its grandparent's parent, not it
+    assert ta.parents_of_masks(skips) is None

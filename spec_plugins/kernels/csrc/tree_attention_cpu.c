@@ -1,7 +1,12 @@
-/* Tree attention over vLLM's paged CPU KV cache ("vec" layout), float32.
+/* Tree attention over a paged KV cache, float32, in two cache layouts:
  *
- * Cache: [num_blocks][kv_heads][2][block_size * D]; per block and KV head the keys are
- * stored transposed (D rows of block_size) and the values as block_size rows of D.
+ * - vLLM's CPU cache ("vec" layout, tree_attention_f32): [num_blocks][kv_heads][2]
+ *   [block_size * D]; per block and KV head the keys are stored transposed (D rows of
+ *   block_size) and the values as block_size rows of D; read in place.
+ * - a token-slot cache (SGLang's, tree_attention_slots_f32): keys and values in two
+ *   tensors [slots][kv_heads][D]; request r's position p is in slot slot_table[r][p].
+ *   Tiles of KB positions are gathered into the vLLM tile layout (keys transposed) per
+ *   work unit, so both layouts share the same register-blocked products.
  *
  * Request r has q_len = q_start[r + 1] - q_start[r] query tokens: its root then its
  * draft-tree nodes in topological order; their K/V are already in the cache at logical
@@ -62,11 +67,52 @@ static inline v8 exp_nonpos(v8 x) {
 #define RB 4    /* score rows per register block */
 #define KB 16   /* keys (or head-dim lanes) per register block: two AVX2 vectors */
 
+/* Where one request's keys and values are: vLLM's blocks (read in place) or token slots
+ * (gathered tile by tile into `tile`). */
+typedef struct {
+    const float *kv;              /* vLLM: the cache */
+    const int32_t *blocks;        /* vLLM: the request's blocks */
+    int64_t block_stride;         /* vLLM: floats per block */
+    const float *k, *v;           /* slots: key and value tensors */
+    const int64_t *slots;         /* slots: the request's slot per position */
+    int32_t num_kv_heads;
+    float *tile;                  /* slots: [D * bs] work tile */
+} cache_t;
+
+/* Keys of positions b*bs .. b*bs+bs-1 for KV head kvh as [D][bs] (positions >= L: 0). */
+static const float *key_tile(const cache_t *c, int32_t b, int32_t kvh, int32_t D,
+                             int32_t bs, int32_t L) {
+    if (c->kv)
+        return c->kv + (int64_t)c->blocks[b] * c->block_stride + (int64_t)kvh * 2 * bs * D;
+    for (int32_t k = 0; k < bs; k++) {
+        const int32_t pos = b * bs + k;
+        if (pos < L) {
+            const float *src = c->k + (c->slots[pos] * c->num_kv_heads + kvh) * D;
+            for (int32_t d = 0; d < D; d++) c->tile[(int64_t)d * bs + k] = src[d];
+        } else {
+            for (int32_t d = 0; d < D; d++) c->tile[(int64_t)d * bs + k] = 0.0f;
+        }
+    }
+    return c->tile;
+}
+
+/* Values of the same positions as [bs][D] (only the first `kend` rows are read). */
+static const float *value_tile(const cache_t *c, int32_t b, int32_t kvh, int32_t D,
+                               int32_t bs, int32_t kend) {
+    if (c->kv)
+        return c->kv + (int64_t)c->blocks[b] * c->block_stride + (int64_t)kvh * 2 * bs * D
+               + (int64_t)bs * D;
+    for (int32_t k = 0; k < kend; k++)
+        memcpy(c->tile + (int64_t)k * D,
+               c->v + (c->slots[b * bs + k] * c->num_kv_heads + kvh) * D,
+               sizeof(float) * (size_t)D);
+    return c->tile;
+}
+
 static void unit(const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                 const int64_t *rows, const float *kv, const int32_t *blocks,
+                 const int64_t *rows, const cache_t *cache,
                  const int32_t *parents, int32_t prefix, int32_t q_len, int32_t kvh,
-                 int32_t G, int32_t num_kv_heads, int32_t D, int32_t bs, float scale,
-                 float *buf) {
+                 int32_t G, int32_t D, int32_t bs, float scale, float *buf) {
     const int32_t M = G * q_len;                  /* score rows: (token, head) */
     const int32_t MP = (M + RB - 1) / RB * RB;    /* padded with zero queries */
     const int32_t L = prefix + q_len;             /* columns: positions 0 .. L-1 */
@@ -92,11 +138,9 @@ static void unit(const float *q, int64_t q_stride, float *out, int64_t out_strid
         see[(int64_t)i * q_len + i] = 1;
     }
 
-    const int64_t block_stride = (int64_t)num_kv_heads * 2 * bs * D;
-    const int64_t head_off = (int64_t)kvh * 2 * bs * D;
     /* scores: sc[m][b*bs + k] = qs[m] . K[k]; RB x KB accumulators stay in registers */
     for (int32_t b = 0; b < nblk; b++) {
-        const float *kt = kv + (int64_t)blocks[b] * block_stride + head_off;  /* [D][bs] */
+        const float *kt = key_tile(cache, b, kvh, D, bs, L);                /* [D][bs] */
         for (int32_t k0 = 0; k0 < bs; k0 += KB)
             for (int32_t m0 = 0; m0 < MP; m0 += RB) {
                 v8 a0[RB], a1[RB];
@@ -146,9 +190,8 @@ static void unit(const float *q, int64_t q_stride, float *out, int64_t out_strid
     /* outputs: acc[m] = sum_k sc[m][k] V[k] over k < L (the cache past L is not ours) */
     memset(acc, 0, sizeof(float) * (size_t)MP * D);
     for (int32_t b = 0; b < nblk; b++) {
-        const float *vb = kv + (int64_t)blocks[b] * block_stride + head_off
-                          + (int64_t)bs * D;                          /* [bs][D] */
         const int32_t kend = (b + 1) * bs <= L ? bs : L - b * bs;
+        const float *vb = value_tile(cache, b, kvh, D, bs, kend);           /* [bs][D] */
         const float *pb = sc + (int64_t)b * bs;
         if (D % KB == 0) {
             for (int32_t d0 = 0; d0 < D; d0 += KB)
@@ -186,14 +229,14 @@ static void unit(const float *q, int64_t q_stride, float *out, int64_t out_strid
     }
 }
 
-/* Returns 0, or -1 if a work buffer could not be allocated.
- * q, out: rows of query / output ([*, heads * D] with the given row strides, in floats);
- * rows[t]: the row of packed tree token t; block_table: [R][bt_stride] int32. */
-int tree_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                       const int64_t *rows, const float *kv, const int32_t *block_table,
-                       int64_t bt_stride, const int32_t *q_start, const int32_t *prefix_lens,
-                       const int32_t *parents, int32_t R, int32_t num_heads,
-                       int32_t num_kv_heads, int32_t D, int32_t bs, float scale) {
+/* Both layouts: one (request, KV head) per OpenMP task. Returns 0, or -1 if a work
+ * buffer could not be allocated. */
+static int run_units(const float *q, int64_t q_stride, float *out, int64_t out_stride,
+                     const int64_t *rows, const cache_t *base, const int32_t *block_table,
+                     int64_t bt_stride, const int64_t *slot_table, int64_t st_stride,
+                     const int32_t *q_start, const int32_t *prefix_lens,
+                     const int32_t *parents, int32_t R, int32_t num_heads,
+                     int32_t num_kv_heads, int32_t D, int32_t bs, float scale) {
     const int32_t G = num_heads / num_kv_heads;
     int32_t max_lp = 0, max_q = 0;
     for (int32_t r = 0; r < R; r++) {
@@ -204,7 +247,7 @@ int tree_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out
         if (lp > max_lp) max_lp = lp;
     }
     const int32_t max_m = (G * max_q + RB - 1) / RB * RB;
-    const size_t per = sizeof(float) * ((size_t)max_m * (2 * D + max_lp))
+    const size_t per = sizeof(float) * ((size_t)max_m * (2 * D + max_lp) + (size_t)D * bs)
                        + (size_t)max_q * max_q + 64;
     int nthreads = 1;
 #ifdef _OPENMP
@@ -223,11 +266,48 @@ int tree_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out
         const int32_t r = u / num_kv_heads, h = u % num_kv_heads;
         const int32_t s0 = q_start[r], ql = q_start[r + 1] - s0;
         if (ql == 0) continue;
-        unit(q, q_stride, out, out_stride, rows + s0,
-             kv, block_table + (int64_t)r * bt_stride, parents + s0,
-             prefix_lens[r], ql, h, G, num_kv_heads, D, bs, scale,
-             bufs + per_floats * (size_t)tid);
+        float *buf = bufs + per_floats * (size_t)tid;
+        cache_t c = *base;
+        if (c.kv) c.blocks = block_table + (int64_t)r * bt_stride;
+        else c.slots = slot_table + (int64_t)r * st_stride;
+        c.tile = buf + per_floats - (size_t)D * bs;   /* the slice's end: past unit()'s */
+        unit(q, q_stride, out, out_stride, rows + s0, &c, parents + s0,
+             prefix_lens[r], ql, h, G, D, bs, scale, buf);
     }
     free(bufs);
     return 0;
+}
+
+/* vLLM's cache. q, out: rows of query / output ([*, heads * D] with the given row
+ * strides, in floats); rows[t]: the row of packed tree token t; block_table:
+ * [R][bt_stride] int32. */
+int tree_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
+                       const int64_t *rows, const float *kv, const int32_t *block_table,
+                       int64_t bt_stride, const int32_t *q_start, const int32_t *prefix_lens,
+                       const int32_t *parents, int32_t R, int32_t num_heads,
+                       int32_t num_kv_heads, int32_t D, int32_t bs, float scale) {
+    cache_t c = {0};
+    c.kv = kv;
+    c.block_stride = (int64_t)num_kv_heads * 2 * bs * D;
+    c.num_kv_heads = num_kv_heads;
+    return run_units(q, q_stride, out, out_stride, rows, &c, block_table, bt_stride, 0, 0,
+                     q_start, prefix_lens, parents, R, num_heads, num_kv_heads, D, bs,
+                     scale);
+}
+
+/* A token-slot cache: k, v [slots][num_kv_heads][D]; slot_table: [R][st_stride] int64,
+ * request r's position p (p < prefix_lens[r] + its query tokens) in slot_table[r][p]. */
+int tree_attention_slots_f32(const float *q, int64_t q_stride, float *out,
+                             int64_t out_stride, const int64_t *rows, const float *k,
+                             const float *v, const int64_t *slot_table, int64_t st_stride,
+                             const int32_t *q_start, const int32_t *prefix_lens,
+                             const int32_t *parents, int32_t R, int32_t num_heads,
+                             int32_t num_kv_heads, int32_t D, float scale) {
+    cache_t c = {0};
+    c.k = k;
+    c.v = v;
+    c.num_kv_heads = num_kv_heads;
+    return run_units(q, q_stride, out, out_stride, rows, &c, 0, 0, slot_table, st_stride,
+                     q_start, prefix_lens, parents, R, num_heads, num_kv_heads, D, KB,
+                     scale);
 }
