@@ -115,7 +115,6 @@ class CpuAttnBackend(TorchNativeAttnBackend):
             enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).reshape(bs * n, heads * layer.v_head_dim)
 
-
     def _log_verify_path(self, native: bool, dtype) -> None:
         if getattr(self, "_verify_path_logged", False):
             return
