@@ -46,13 +46,15 @@ def test_greedy_equals_sglang_without_speculation(sglang_vanilla, default_model,
                        env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)}) as url:
         batch1 = [sglang_complete(url, m, temperature=0) for m in CONVERSATIONS]
         with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
-            batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0)[0],
+            batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0),
                                    CONVERSATIONS))
         assert_outputs_equal(sglang_vanilla[0], [b[0] for b in batch1], f"{name}, batch 1")
-        assert_outputs_equal(sglang_vanilla[1], batch8, f"{name}, 8 concurrent")
-        # Drafts were verified and accepted; suffix copies the code edits' input.
+        assert_outputs_equal(sglang_vanilla[1], [b[0] for b in batch8], f"{name}, 8 concurrent")
+        # Drafts were verified and accepted (over both runs: recycling's drafts are rarely
+        # right on this model, and its budget may draft little at batch 1); suffix copies
+        # the code edits' input.
         details = [b[1] for b in batch1]
-        assert sum(d["spec_num_correct_drafts"] for d in details) > 0
+        assert sum(d["spec_num_correct_drafts"] for d in details + [b[1] for b in batch8]) > 0
         if name.startswith("suffix"):
             assert details[0]["spec_accept_length"] > 1.2
         if name == "suffix-tree":
