@@ -6,10 +6,17 @@ side in one run, per layer, SmolLM2-135M's attention
 shape (9 query heads, 3 KV heads, head dim 64), block size 128, float32:
 
     LD_PRELOAD=.venv/lib/libiomp5.so .venv/bin/python integration/bench_tree_attention.py
+
+``--slots``: SGLang's token-slot cache instead (no vLLM needed): the C kernel's slot
+entry point against what the SGLang CPU backend does without it, one SDPA call with a
+boolean tree mask over the gathered K/V:
+
+    .venv-sglang/bin/python integration/bench_tree_attention.py --slots
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -29,7 +36,42 @@ def bench(f, n=200) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
+def slots() -> None:
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    g = torch.Generator().manual_seed(0)
+    num_slots, ctx = 6000, 300
+    key = torch.randn(num_slots, KVH, D, generator=g)
+    value = torch.randn(num_slots, KVH, D, generator=g)
+    print(f"torch threads {torch.get_num_threads()}, context {ctx}")
+    print("| requests | query tokens | SDPA, tree mask (ms) | tree, C (ms) | ratio |")
+    print("|---|---|---|---|---|")
+    for R, Q in [(1, 9), (1, 17), (3, 9), (8, 9), (8, 17)]:
+        table = torch.stack([torch.randperm(num_slots, generator=g)[:ctx + Q]
+                             for _ in range(R)])
+        chains = [list(range(-1, Q - 2))] * R
+        plan = ta.plan_slots([ctx] * R, chains, table)
+        q = torch.randn(R * Q, H, D, generator=g)
+        out, rows = torch.empty_like(q), torch.arange(R * Q)
+        assert ta.run_native_slots(plan, q, out, rows, key, value, 0.125), \
+            native.unavailable_reason()
+        mask = torch.ones(R, 1, Q, ctx + Q, dtype=torch.bool)
+        mask[..., ctx:] = torch.ones(Q, Q, dtype=torch.bool).tril()
+
+        def masked_sdpa():
+            sdpa(q.view(R, Q, H, D).transpose(1, 2), key[table].transpose(1, 2),
+                 value[table].transpose(1, 2), attn_mask=mask, scale=0.125, enable_gqa=True)
+
+        t_sdpa = bench(masked_sdpa)
+        t_c = bench(lambda: ta.run_native_slots(plan, q, out, rows, key, value, 0.125))
+        print(f"| {R} | {Q} | {t_sdpa:.3f} | {t_c:.3f} | {t_c / t_sdpa:.2f}x |")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", action="store_true", help="SGLang's token-slot cache")
+    if ap.parse_args().slots:
+        return slots()
     from vllm import _custom_ops as ops
 
     g = torch.Generator().manual_seed(0)

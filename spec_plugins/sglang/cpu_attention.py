@@ -34,7 +34,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from spec_plugins.kernels import tree_attention
+from spec_plugins.kernels import native, tree_attention
 from spec_plugins.sglang.platform import ATTENTION_BACKEND
 from spec_plugins.sglang.version import logger
 
@@ -115,18 +115,16 @@ class CpuAttnBackend(TorchNativeAttnBackend):
             enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).reshape(bs * n, heads * layer.v_head_dim)
 
-    def _log_verify_path(self, native: bool, dtype) -> None:
+    def _log_verify_path(self, kernel: bool, dtype) -> None:
         if getattr(self, "_verify_path_logged", False):
             return
         self._verify_path_logged = True
-        if native:
+        if kernel:
             logger.info("spec_plugins: tree verification uses the C tree-attention kernel "
                         "on SGLang's KV cache (%s)", dtype)
         else:
-            from spec_plugins.kernels import native as kernels
-
             logger.info("spec_plugins: tree verification uses SDPA (the C kernel: %s)",
-                        kernels.unavailable_reason() or f"not for {dtype}")
+                        native.unavailable_reason() or f"not for {dtype}")
 
 
 def _needs_torch_native(layer, forward_batch) -> bool:
@@ -170,10 +168,12 @@ def _verify_plan(forward_batch, req_to_token_pool) -> _BatchedKV:
 
 
 def _kernel_plan(custom_mask, seq_lens, prefix_slots, tree_slots, tree_mask):
-    """The tree-attention kernel's plan, or None where it does not apply: a mask with
+    """The tree-attention kernel's plan, or None where it does not apply: no kernel, a mask with
     prefix columns (a node that does not see all of its prefix) or one that is not a
     tree's ancestor-or-self mask."""
     bs, n = tree_slots.shape
+    if native.tree_attention_slots() is None:
+        return None                # no kernel here: SDPA verifies, nothing to plan
     if custom_mask is not None and custom_mask.numel() != bs * n * n:
         return None
     parents = tree_attention.parents_of_masks(tree_mask.cpu().numpy())
