@@ -98,7 +98,8 @@ def send(client, req: dict) -> dict:
                 "tokens": r.usage.completion_tokens, "output": outputs}
     except Exception as e:  # noqa: BLE001 - every failure is a finding
         return {"kind": kind, "ok": False, "seconds": time.perf_counter() - t0,
-                "tokens": 0, "output": None, "error": f"{type(e).__name__}: {e}"[:300]}
+                "tokens": 0, "output": None,
+                "error": f"{type(e).__name__}: {e} ({e.__cause__!r})"[:300]}
 
 
 def vllm_engine(name: str, model: str, clients: int, kv: str, drafter: str, log: str | None):
@@ -139,13 +140,19 @@ ENGINES = {
 def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: str,
                drafter: str, log_dir: str | None, engine: str = "vllm",
                rounds: int = 1) -> dict:
+    import httpx
     import openai
 
     server, preemption_counter, _, _ = ENGINES[engine]
     log = str(Path(log_dir) / f"load-{engine}-{name}.log") if log_dir else None
     with server(name, model, clients, kv_bytes, drafter, log) as url:
+        # The engines' HTTP servers drop a keep-alive connection after 5 idle seconds;
+        # a client that reuses one at that instant gets a connection error that is the
+        # client's race, not the server's fault. Reusing only connections idle < 1 s
+        # leaves every remaining connection error a finding.
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1800,
-                               max_retries=0)
+                               max_retries=0, http_client=openai.DefaultHttpxClient(
+                                   limits=httpx.Limits(keepalive_expiry=1.0)))
         send(client, {"kind": "greedy", "messages": mix[0]["messages"], "max_tokens": 8})
         rss0 = process_group_rss(url.pid)
         pre0 = counter(url, preemption_counter)
@@ -209,6 +216,8 @@ def report(res: dict, configs: list[str]) -> list[str]:
                             "round failed")
         if lost:
             problems.append(f"{c}: {len(lost)} requests failed that vanilla answered, e.g. "
+                            f"a {r['results'][lost[0]]['kind']} request after "
+                            f"{r['results'][lost[0]]['seconds']:.1f} s: "
                             f"{r['results'][lost[0]].get('error')}")
         if same != len(pairs):
             kinds = sorted({x["kind"] for x, v in pairs if x["output"] != v["output"]})

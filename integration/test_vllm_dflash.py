@@ -15,7 +15,8 @@ import pytest
 
 from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
                     complete, run_all)
-from vllm_server import counter, log_file, run_to_exit, spec_metrics, vllm_server
+from vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit, spec_metrics,
+                         vllm_server)
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -64,7 +65,7 @@ def test_seeded_sampling_is_reproducible(dflash_server):
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter):
-    extra = ["--kv-cache-memory-bytes", "32M", "--max-model-len", "512"]
+    extra = PREEMPTING_CACHE
     with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": dflash_drafter}},
                      extra=extra) as url:
         with ThreadPoolExecutor(8) as pool:

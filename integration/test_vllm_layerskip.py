@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from client import CONVERSATIONS, assert_outputs_equal, complete, run_all
-from vllm_server import counter, log_file, spec_metrics, vllm_server
+from vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -69,10 +69,10 @@ def test_seeded_sampling_is_reproducible(layerskip_server):
 
 def test_full_depth_drafts_with_preemption_equal_vanilla(vanilla, default_model):
     """Drafting writes KV into slots the scheduler allocated but the target has not
-    computed; with a 5-block cache for 8 concurrent requests the scheduler preempts and
+    computed; with a cache too small for 8 concurrent requests the scheduler preempts and
     recomputes requests, and drafts run up to block boundaries (``room``)."""
     spec, extra_cfg = SERVERS["del-full-depth"]
-    extra = ["--kv-cache-memory-bytes", "32M", "--max-model-len", "512"]
+    extra = PREEMPTING_CACHE
     with vllm_server(default_model, spec, extra_cfg, extra=extra) as url:
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))

@@ -16,8 +16,8 @@ import pytest
 
 from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
                     complete, run_all)
-from vllm_server import (counter, log_file, mean_acceptance_length, spec_metrics,
-                         vllm_server)
+from vllm_server import (PREEMPTING_CACHE, counter, log_file, mean_acceptance_length,
+                         spec_metrics, vllm_server)
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -78,10 +78,9 @@ def test_seeded_sampling_with_trees_is_reproducible(tree_server):
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model):
-    """A KV cache of 5 blocks (640 tokens) for 8 concurrent requests of 140-330 tokens:
-    the scheduler must preempt requests (freeing their blocks mid-tree) and recompute
-    them later."""
-    extra = ["--kv-cache-memory-bytes", "32M", "--max-model-len", "512"]
+    """Preempted requests (their blocks freed mid-tree) are recomputed to vanilla's
+    outputs."""
+    extra = PREEMPTING_CACHE
     with vllm_server(default_model, TREE_METHODS["suffix"], TREES_ON, extra=extra) as url:
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))

@@ -25,6 +25,13 @@ from pathlib import Path
 # module runs the same server with the same flags.
 SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
+# A KV cache of 3 blocks of 128 tokens (384, the least that holds the longest request of
+# ``client.CONVERSATIONS``) for those 8 requests of 140-330 tokens sent concurrently,
+# nearly all of which reach a new block while decoding: once admitted requests fill the
+# cache the scheduler must preempt some and recompute them later. (With 4 blocks, one CI
+# run's arrival order finished without a preemption.)
+PREEMPTING_CACHE = ["--kv-cache-memory-bytes", "24M", "--max-model-len", "384"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
