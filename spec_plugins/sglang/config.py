@@ -24,6 +24,15 @@ OPTIONS_ENV = "SPEC_PLUGINS_OPTIONS"
 DEFAULT_NUM_DRAFT_TOKENS = 9       # the root + up to 8 drafts, vLLM's usual 8
 # What the SGLang worker can hand a proposer (StepContext fields).
 SUPPORTED_NEEDS = frozenset({"target_topk", "hidden_states"})
+# Why it cannot hand the others, as the launch error says.
+UNSUPPORTED_NEEDS = {
+    "target_model": (
+        "running a subset of the target's layers: SGLang 0.5.23's decoder layers take "
+        "no residual argument but read and write a residual stream owned by the "
+        "ForwardBatch (layers/layer_boundary: stage boundaries with deferred residual "
+        "updates, one final norm that ends the stream), which the adapter does not drive "
+        "for draft forwards or for logits after an intermediate layer"),
+}
 
 
 @dataclass(frozen=True)
@@ -84,9 +93,11 @@ def settings_from(server_args, environ=os.environ) -> PluginSettings | None:
         raise OptionError(unknown_method_message(algo))
     missing = unsupported_needs(method)
     if missing:
+        why = "; ".join(f"{need}: {UNSUPPORTED_NEEDS.get(need, 'not built')}"
+                        for need in missing)
         raise OptionError(
             f"--speculative-algorithm={algo.lower()!r}: method {method!r} needs {missing}, "
-            "which the SGLang adapter does not supply yet (it supplies: "
+            f"which the SGLang adapter does not supply yet ({why}; it supplies: "
             f"{', '.join(sorted(SUPPORTED_NEEDS))}); methods served through SGLang: "
             + ", ".join(algorithm_name(m).lower() for m in sorted(methods())
                         if not unsupported_needs(m)))

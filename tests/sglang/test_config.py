@@ -26,7 +26,8 @@ def test_our_method_options_and_width():
     ("SPEC_PLUGINS.NOSUCH", {}, None, "--speculative-algorithm='spec_plugins.nosuch' is not a "
      "spec_plugins method; allowed values: spec_plugins.del, spec_plugins.dflash"),
     ("SPEC_PLUGINS.SWIFT", {}, None, "method 'swift' needs \\['target_model'\\], which the "
-     "SGLang adapter does not supply yet"),
+     "SGLang adapter does not supply yet \\(target_model: running a subset of the target's "
+     "layers: .*residual stream"),
     ("SPEC_PLUGINS.SUFFIX", {"SPEC_PLUGINS_OPTIONS": "{bad"}, None,
      "SPEC_PLUGINS_OPTIONS is not valid JSON"),
     ("SPEC_PLUGINS.SUFFIX", {"SPEC_PLUGINS_OPTIONS": '{"depth": 3}'}, None,
