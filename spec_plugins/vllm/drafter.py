@@ -204,6 +204,9 @@ class VllmDrafter:
         if not self.wants_topk or logits is None:
             return
         num_reqs = runner.input_batch.num_reqs
+        req_ids = runner.input_batch.req_ids[:num_reqs]
+        if all(self._classify(runner, r).never_drafted for r in req_ids):
+            return   # nobody here is drafted for: the top-k would go unread
         if spec_decode_metadata is not None:
             idx = spec_decode_metadata.logits_indices
             counts = [n + 1 for n in spec_decode_metadata.num_draft_tokens]
