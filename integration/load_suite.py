@@ -99,7 +99,8 @@ def send(client, req: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - every failure is a finding
         return {"kind": kind, "ok": False, "seconds": time.perf_counter() - t0,
                 "tokens": 0, "output": None,
-                "error": f"{type(e).__name__}: {e} ({e.__cause__!r})"[:300]}
+                "error": (f"{type(e).__name__}: {e}"
+                          + (f" ({e.__cause__!r})" if e.__cause__ else ""))[:300]}
 
 
 def vllm_engine(name: str, model: str, clients: int, kv: str, drafter: str, log: str | None):

@@ -216,7 +216,7 @@ class VllmDrafter:
         ids = logits[: len(idx)].topk(self.proposer.topk, dim=-1).indices.cpu().numpy()
         tokens = runner.input_ids.gpu[idx].cpu().numpy()
         start = 0
-        for req_id, n in zip(runner.input_batch.req_ids, counts):
+        for req_id, n in zip(req_ids, counts):
             self._topk[req_id] = (tokens[start:start + n], ids[start:start + n])
             start += n
 
