@@ -36,6 +36,26 @@ def run_all(url, conversations=CONVERSATIONS, **kw):
     return batch1, batch8
 
 
+def run_preempting(url, conversations=CONVERSATIONS) -> list:
+    """Greedy outputs of all conversations sent concurrently, the shortest prompt first
+    and the longest second, so that a server with ``vllm_server.PREEMPTING_CACHE`` must
+    preempt whatever order the rest arrive in: the scheduler admits those two first (their
+    prompts fill the cache's blocks between them) and the longer one soon needs a block
+    that only a preemption frees. Outputs come back in ``conversations`` order."""
+    import time
+
+    by_length = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
+    first, second = by_length[0], by_length[-1]
+    rest = [i for i in range(len(conversations)) if i not in (first, second)]
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        futures = {}
+        for i in [first, second] + rest:
+            futures[i] = pool.submit(complete, url, conversations[i], temperature=0)
+            if i in (first, second):
+                time.sleep(0.3)  # arrival order is admission order (FCFS)
+        return [futures[i].result() for i in range(len(conversations))]
+
+
 def assert_outputs_equal(expected, got, label: str) -> None:
     """Per prompt, token for token (``label`` says which run, for the message)."""
     assert len(expected) == len(got), f"{label}: {len(got)} outputs, expected {len(expected)}"

@@ -9,12 +9,10 @@ drafts, rejected ones, trees) must keep the outputs exact.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
-                    complete, run_all)
+                    complete, run_all, run_preempting)
 from vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit, spec_metrics,
                          vllm_server)
 
@@ -68,8 +66,7 @@ def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter
     extra = PREEMPTING_CACHE
     with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": dflash_drafter}},
                      extra=extra) as url:
-        with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))
+        outs = run_preempting(url)
         preempted = counter(url, "vllm:num_preemptions_total")
     assert preempted > 0, "the cache was large enough: nothing was preempted"
     assert_outputs_equal(vanilla[1], outs, "dflash after preemption")

@@ -13,11 +13,9 @@ checkpoint shows the drafter is not Llama-only.
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from client import CONVERSATIONS, assert_outputs_equal, complete, run_all
+from client import CONVERSATIONS, assert_outputs_equal, complete, run_all, run_preempting
 from vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -74,8 +72,7 @@ def test_full_depth_drafts_with_preemption_equal_vanilla(vanilla, default_model)
     spec, extra_cfg = SERVERS["del-full-depth"]
     extra = PREEMPTING_CACHE
     with vllm_server(default_model, spec, extra_cfg, extra=extra) as url:
-        with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))
+        outs = run_preempting(url)
         preempted = counter(url, "vllm:num_preemptions_total")
         m = spec_metrics(url)
     assert preempted > 0, "the cache was large enough: nothing was preempted"

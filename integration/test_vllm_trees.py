@@ -10,12 +10,10 @@ branching trees were verified, so a silent fallback to chains fails these tests.
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
-                    complete, run_all)
+                    complete, run_all, run_preempting)
 from vllm_server import (PREEMPTING_CACHE, counter, log_file, mean_acceptance_length,
                          spec_metrics, vllm_server)
 
@@ -82,8 +80,7 @@ def test_preempted_requests_equal_vanilla(vanilla, default_model):
     outputs."""
     extra = PREEMPTING_CACHE
     with vllm_server(default_model, TREE_METHODS["suffix"], TREES_ON, extra=extra) as url:
-        with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda m: complete(url, m, temperature=0), CONVERSATIONS))
+        outs = run_preempting(url)
         preempted = counter(url, "vllm:num_preemptions_total")
     assert preempted > 0, "the cache was large enough: nothing was preempted"
     assert_outputs_equal(vanilla[1], outs, "after preemption")

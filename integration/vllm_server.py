@@ -25,11 +25,12 @@ from pathlib import Path
 # module runs the same server with the same flags.
 SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
-# A KV cache of 3 blocks of 128 tokens (384, the least that holds the longest request of
-# ``client.CONVERSATIONS``) for those 8 requests of 140-330 tokens sent concurrently,
-# nearly all of which reach a new block while decoding: once admitted requests fill the
-# cache the scheduler must preempt some and recompute them later. (With 4 blocks, one CI
-# run's arrival order finished without a preemption.)
+# A KV cache of 3 usable blocks of 128 tokens (4 less vLLM's null block; 384 tokens, the
+# least that holds the longest request of ``client.CONVERSATIONS``) for those 8 requests
+# of 140-330 tokens. Whether it preempts depends on arrival order: a 2-block prompt
+# admitted alone grows into the third block and finishes (one CI run did not preempt).
+# ``client.run_preempting`` fixes the order: a 1-block and a 2-block prompt first, which
+# fill the cache, so the longer one's next block must come from a preemption.
 PREEMPTING_CACHE = ["--kv-cache-memory-bytes", "24M", "--max-model-len", "384"]
 
 
