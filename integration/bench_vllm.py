@@ -10,6 +10,10 @@ vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vani
     python integration/bench_vllm.py                      # all configs, default model
     python integration/bench_vllm.py --configs suffix-chain suffix-tree --n 4 --max-tokens 128
     python integration/bench_vllm.py --configs ngram swift del del-probe-all --n 6 --max-tokens 128
+    python integration/bench_vllm.py --interleave --draft-off --configs vanilla-sync suffix-tree
+
+``--interleave`` keeps every configuration's server up and sends each batch of prompts to
+one after another: the fairest comparison of close figures on a noisy machine.
 
 Layer-skip methods also get the choices they logged (layer set, exit layers, acceptance
 per exit layer, draft and verify costs) printed after the tables.
@@ -18,6 +22,7 @@ per exit layer, draft and verify costs) printed after the tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -25,6 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -100,20 +106,6 @@ def one(client, messages, max_tokens, draft_off=False):
     return list(r.choices[0].token_ids)
 
 
-def pool(a: dict, b: dict) -> dict:
-    """Two rounds of one configuration as one: tokens and seconds added (tok/s over both),
-    the first round's outputs and per-position acceptance."""
-    out = dict(a)
-    for key, r in b.items():
-        if isinstance(key, tuple):
-            x = a[key]
-            tokens, seconds = x["tokens"] + r["tokens"], x["seconds"] + r["seconds"]
-            mal = None if x["mal"] is None else (x["mal"] + r["mal"]) / 2
-            out[key] = {**x, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
-                        "mal": mal}
-    return out
-
-
 def with_drafter(config: dict | None, drafter: str) -> dict | None:
     """``config`` with the ``"{drafter}"`` placeholder replaced by the drafter's path."""
     if config is None:
@@ -121,45 +113,110 @@ def with_drafter(config: dict | None, drafter: str) -> dict | None:
     return json.loads(json.dumps(config).replace('"{drafter}"', json.dumps(drafter)))
 
 
-def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
-               draft_off=False):
+class Served(NamedTuple):
+    """One configuration's running server."""
+    name: str
+    url: str
+    client: object
+    spec: dict | None
+    log: str
+
+
+@contextlib.contextmanager
+def serving(name, model, log_dir, drafter):
     import openai
 
     spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
-    results = {}
     log = str(Path(log_dir or tempfile.mkdtemp(prefix="bench-")) / f"{name}.log")
     with vllm_server(model, spec, extra, extra=FLAGS.get(name, []), log_path=log) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200)
         # Warm-up on a prompt outside the measured ones.
         one(client, [{"role": "user", "content": "Hello!"}], 16)
+        yield Served(name, url, client, spec, log)
+
+
+def measure(s: Served, convs, max_tokens, draft_off=False) -> dict:
+    """``convs`` sent at once (as many clients as conversations): tokens, seconds,
+    outputs and the change of the server's ``vllm:spec_decode_*`` counters."""
+    m0 = spec_metrics(s.url)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(convs)) as pool:
+        outs = list(pool.map(
+            lambda c: one(s.client, c, max_tokens, draft_off and s.spec is not None), convs))
+    dt = time.perf_counter() - t0
+    m1 = spec_metrics(s.url)
+    return {"tokens": sum(map(len, outs)), "seconds": dt, "outputs": outs,
+            "counters": {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}}
+
+
+def add(total: dict | None, part: dict, with_mal: bool) -> dict:
+    """Two measurements of one configuration, category and concurrency as one."""
+    if total is None:
+        total = {"tokens": 0, "seconds": 0.0, "outputs": [], "counters": {}}
+    out = {"tokens": total["tokens"] + part["tokens"],
+           "seconds": total["seconds"] + part["seconds"],
+           "outputs": total["outputs"] + part["outputs"],
+           "counters": {k: total["counters"].get(k, 0) + part["counters"].get(k, 0)
+                        for k in set(total["counters"]) | set(part["counters"])}}
+    out["tok_s"] = out["tokens"] / out["seconds"]
+    out["mal"] = mean_acceptance_length(out["counters"]) if with_mal else None
+    return out
+
+
+def finish(s: Served, results: dict) -> list[str]:
+    """Per-position acceptance over the whole run into ``results``; the choices the
+    method logged."""
+    if s.spec:
+        # Over the whole run: the share of drafts accepted up to each position.
+        drafts = spec_metrics(s.url).get("num_drafts", 0) or 1
+        results["per_position"] = [a / drafts for a in accepted_per_position(s.url)]
+    with open(s.log, errors="replace") as f:
+        return CHOICE_LOGS.findall(f.read())
+
+
+def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
+               draft_off=False):
+    results = {}
+    with serving(name, model, log_dir, drafter) as s:
         for cat in cats:
             for j, conc in enumerate(concurrencies):
                 # Each concurrency gets its own prompts: a method with a cross-request
                 # cache must not be measured on outputs it has just served.
                 convs = prompts(cat, n, start=j * n)
-                m0 = spec_metrics(url)
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(conc) as pool:
-                    outs = list(pool.map(
-                        lambda c: one(client, c, max_tokens, draft_off and spec is not None),
-                        convs))
-                dt = time.perf_counter() - t0
-                m1 = spec_metrics(url)
-                delta = {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}
-                results[(cat, conc)] = {
-                    "tokens": sum(map(len, outs)), "seconds": dt,
-                    "tok_s": sum(map(len, outs)) / dt,
-                    "mal": mean_acceptance_length(delta) if spec else None,
-                    "outputs": outs,
-                }
+                results[(cat, conc)] = add(None, measure(s, convs, max_tokens, draft_off),
+                                           bool(s.spec))
                 print(f"  {name:15s} {cat:10s} c={conc}: {results[(cat, conc)]['tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
-        if spec:
-            # Over the whole run: the share of drafts accepted up to each position.
-            drafts = spec_metrics(url).get("num_drafts", 0) or 1
-            results["per_position"] = [a / drafts for a in accepted_per_position(url)]
-    with open(log, errors="replace") as f:
-        choices = CHOICE_LOGS.findall(f.read())
+        choices = finish(s, results)
+    return results, choices
+
+
+def run_interleaved(names, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
+                    draft_off=False):
+    """Every configuration's server up at once; each batch of prompts goes to one server
+    after another (only one busy at a time), starting one configuration later per batch:
+    the machine's drift falls on all of them alike, batch by batch, where one server
+    after another sees it minutes apart."""
+    results = {name: {} for name in names}
+    choices = {}
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(serving(c, model, log_dir, drafter)) for c in names]
+        turn = 0
+        for cat in cats:
+            for j, conc in enumerate(concurrencies):
+                convs = prompts(cat, n, start=j * n)
+                for i in range(0, n, conc):
+                    k = turn % len(servers)
+                    turn += 1
+                    for s in servers[k:] + servers[:k]:
+                        part = measure(s, convs[i:i + conc], max_tokens, draft_off)
+                        results[s.name][(cat, conc)] = add(results[s.name].get((cat, conc)),
+                                                           part, bool(s.spec))
+                line = "  ".join(f"{s.name} {results[s.name][(cat, conc)]['tok_s']:.1f}"
+                                 for s in servers)
+                print(f"  {cat:10s} c={conc}, tok/s: {line}", file=sys.stderr, flush=True)
+        for s in servers:
+            choices[s.name] = finish(s, results[s.name])
     return results, choices
 
 
@@ -181,6 +238,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="run every configuration this "
                     "many times, each round in a rotated order, and pool them (small "
                     "differences on a noisy machine)")
+    ap.add_argument("--interleave", action="store_true", help="run every configuration's "
+                    "server at once and send each batch of prompts to one after another "
+                    "(side by side, batch by batch: small differences on a noisy machine; "
+                    "needs memory for all servers)")
     ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
                     "(default: the one spec-plugins-train-drafter built for the model)")
     a = ap.parse_args()
@@ -197,7 +258,12 @@ def main():
     if a.log_dir:
         Path(a.log_dir).mkdir(parents=True, exist_ok=True)
     res, choices = {}, {c: [] for c in a.configs}
-    for rnd in range(a.rounds):
+    if a.interleave:
+        if a.rounds != 1:
+            ap.error("--interleave runs one round (use more prompts: --n)")
+        res, choices = run_interleaved(a.configs, a.model, a.categories, a.n, a.max_tokens,
+                                       a.concurrency, a.log_dir, a.drafter, a.draft_off)
+    for rnd in range(a.rounds if not a.interleave else 0):
         # Each round starts one configuration later: drift of the machine over a run
         # falls on every configuration alike.
         k = rnd % len(a.configs)
@@ -206,7 +272,9 @@ def main():
             this[c], ch = run_config(c, a.model, a.categories, a.n, a.max_tokens,
                                      a.concurrency, a.log_dir, a.drafter, a.draft_off)
             choices[c] += ch
-            res[c] = pool(res[c], this[c]) if c in res else this[c]
+            res[c] = ({key: (add(res[c][key], r, bool(CONFIGS[c][0])) if isinstance(key, tuple)
+                          else res[c][key]) for key, r in this[c].items()}
+                      if c in res else this[c])
         if a.rounds > 1:
             for t in totals_of(this, a.configs, a.categories, a.concurrency):
                 print(f"  round {rnd + 1}: {t['config']:15s} c={t['concurrency']}: "
