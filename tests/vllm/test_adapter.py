@@ -160,3 +160,21 @@ def test_engine_fix_keeps_top_k_requests_alive_in_steps_without_drafts():
                            all_random=True, temperature=torch.tensor([1.0, 1.0]))
     empty = torch.zeros(0, 64)
     assert rs.apply_sampling_constraints(empty, torch.tensor([0, 0]), meta).shape == (0, 64)
+
+
+def test_drafts_that_came_with_the_output_skip_the_second_round_trip():
+    """The worker sends a step's drafts with its output (hook 10); the engine core then
+    must not fetch them again, and must fetch them when they did not come."""
+    from vllm.v1.engine.core import EngineCore
+
+    from spec_plugins.vllm import hooks
+
+    fetched = []
+    core = SimpleNamespace(
+        scheduler=SimpleNamespace(**{hooks._DRAFTS_TAKEN: True}),
+        model_executor=SimpleNamespace(take_draft_token_ids=lambda: fetched.append(1)),
+        check_for_draft_tokens=True, async_scheduling=False)
+    EngineCore.post_step(core, True)
+    assert fetched == [] and getattr(core.scheduler, hooks._DRAFTS_TAKEN) is False
+    EngineCore.post_step(core, True)
+    assert fetched == [1]
