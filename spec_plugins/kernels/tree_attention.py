@@ -106,8 +106,8 @@ def parents_of_masks(masks: np.ndarray) -> list[list[int]] | None:
     return parents
 
 
-def _plan(prefix_lens, parents, **kw) -> TreePlan:
-    anc = ancestor_masks(parents)
+def _plan(prefix_lens, parents, ancestors=None, **kw) -> TreePlan:
+    anc = ancestor_masks(parents) if ancestors is None else ancestors
     R = len(anc)
     q_lens = np.array([m.shape[0] for m in anc], dtype=np.int64)
     prefix = np.asarray(prefix_lens, dtype=np.int64)
@@ -133,11 +133,12 @@ def plan(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
 
 
 def plan_slots(prefix_lens: Sequence[int], parents: Sequence[Sequence[int]],
-               slot_table: torch.Tensor) -> TreePlan:
+               slot_table: torch.Tensor, ancestors: list[np.ndarray] | None = None) -> TreePlan:
     """A token-slot cache: ``slot_table[r, p]`` is the KV slot of request ``r``'s
-    position ``p`` (its prefix, then its root and tree tokens)."""
+    position ``p`` (its prefix, then its root and tree tokens). ``ancestors``: the
+    parents' :func:`ancestor_masks` where the caller has them."""
     R = len(parents)
-    return _plan(prefix_lens, parents, blocks=torch.zeros(R, 0, dtype=torch.int32),
+    return _plan(prefix_lens, parents, ancestors, blocks=torch.zeros(R, 0, dtype=torch.int32),
                  block_size=1, slots=slot_table[:R].to(torch.int64).contiguous())
 
 

@@ -27,6 +27,7 @@ Verify contract (what a speculative worker must hand this backend):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -41,14 +42,23 @@ from spec_plugins.sglang.version import logger
 
 @dataclass
 class _BatchedKV:
-    """Per-forward gather plan shared by every layer: which KV slots each request's
-    queries read (padded to the longest request) and which of them each query sees."""
+    """Per-forward gather plan shared by every layer. SDPA reads ``sdpa()``: which KV
+    slots each request's queries read (padded to the longest request) and which of them
+    each query sees, built on first use (a verify that the C kernel runs never needs it)."""
 
     forward_batch: object
-    slots: torch.Tensor  # [bs, kv_len] int64 KV-pool slots (padding reads slot 0)
-    mask: torch.Tensor | None  # [bs, 1, q_per_req, kv_len] bool; None: all visible
+    bs: int
     q_per_req: int
+    # () -> ([bs, kv_len] int64 KV-pool slots (padding reads slot 0),
+    #        [bs, 1, q_per_req, kv_len] bool visibility, or None: all visible)
+    build_sdpa: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
     tree: tree_attention.TreePlan | None = None  # the C kernel's plan (verify only)
+    _sdpa: tuple | None = None
+
+    def sdpa(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._sdpa is None:
+            self._sdpa = self.build_sdpa()
+        return self._sdpa
 
 
 class CpuAttnBackend(TorchNativeAttnBackend):
@@ -91,7 +101,7 @@ class CpuAttnBackend(TorchNativeAttnBackend):
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
         plan = self._plan(forward_batch)
-        bs, n = plan.slots.shape[0], plan.q_per_req
+        bs, n = plan.bs, plan.q_per_req
         heads, kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
         if plan.tree is not None:
             query = q.reshape(bs * n, heads, layer.qk_head_dim)
@@ -105,13 +115,14 @@ class CpuAttnBackend(TorchNativeAttnBackend):
                 return out.view(bs * n, heads * layer.v_head_dim)
         # [bs * n, heads, d] -> [bs, heads, n, d]
         query = q.reshape(bs, n, heads, layer.qk_head_dim).transpose(1, 2)
-        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[plan.slots]
-        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[plan.slots]
+        slots, mask = plan.sdpa()
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[slots]
+        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[slots]
         # [bs, kv_len, kv_heads, d] -> [bs, kv_heads, kv_len, d]
         keys = keys.to(query.dtype).transpose(1, 2)
         values = values.to(query.dtype).transpose(1, 2)
         out = scaled_dot_product_attention(
-            query, keys, values, attn_mask=plan.mask, scale=layer.scaling,
+            query, keys, values, attn_mask=mask, scale=layer.scaling,
             enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).reshape(bs * n, heads * layer.v_head_dim)
 
@@ -149,7 +160,7 @@ def _decode_plan(forward_batch, req_to_token_pool) -> _BatchedKV:
     slots, valid = _prefix_slots(req_to_token_pool, forward_batch.req_pool_indices,
                                  seq_lens, width)
     mask = None if bool(valid.all()) else valid[:, None, None, :]
-    return _BatchedKV(forward_batch, slots, mask, 1)
+    return _BatchedKV(forward_batch, len(seq_lens), 1, lambda: (slots, mask))
 
 
 def _verify_plan(forward_batch, req_to_token_pool) -> _BatchedKV:
@@ -161,22 +172,28 @@ def _verify_plan(forward_batch, req_to_token_pool) -> _BatchedKV:
     slots, prefix_valid = _prefix_slots(req_to_token_pool, forward_batch.req_pool_indices,
                                         seq_lens, width)
     prefix_mask, tree_mask = verify_masks(spec.custom_mask, seq_lens, n, prefix_valid)
-    mask = torch.cat([prefix_mask, tree_mask], dim=2)[:, None]
     tree_slots = forward_batch.out_cache_loc.long().view(bs, n)
-    return _BatchedKV(forward_batch, torch.cat([slots, tree_slots], dim=1), mask, n,
-                      _kernel_plan(spec.custom_mask, seq_lens, slots, tree_slots, tree_mask))
+
+    def sdpa():
+        mask = torch.cat([prefix_mask, tree_mask], dim=2)[:, None]
+        return torch.cat([slots, tree_slots], dim=1), mask
+
+    return _BatchedKV(forward_batch, bs, n, sdpa,
+                      _kernel_plan(seq_lens, slots, prefix_valid, prefix_mask, tree_slots,
+                                   tree_mask))
 
 
-def _kernel_plan(custom_mask, seq_lens, prefix_slots, tree_slots, tree_mask):
-    """The tree-attention kernel's plan, or None where it does not apply: no kernel, a mask with
-    prefix columns (a node that does not see all of its prefix) or one that is not a
-    tree's ancestor-or-self mask."""
+def _kernel_plan(seq_lens, prefix_slots, prefix_valid, prefix_mask, tree_slots, tree_mask):
+    """The tree-attention kernel's plan, or None where it does not apply: no kernel, a
+    node that does not see all of its prefix, or a tree mask that is not a tree's
+    ancestor-or-self mask."""
     bs, n = tree_slots.shape
     if native.tree_attention_slots() is None:
         return None                # no kernel here: SDPA verifies, nothing to plan
-    if custom_mask is not None and custom_mask.numel() != bs * n * n:
+    if not bool((prefix_mask == prefix_valid[:, None, :]).all()):
         return None
-    parents = tree_attention.parents_of_masks(tree_mask.cpu().numpy())
+    masks = tree_mask.cpu().numpy()
+    parents = tree_attention.parents_of_masks(masks)
     if parents is None:
         return None
     width = prefix_slots.shape[1]
@@ -184,7 +201,8 @@ def _kernel_plan(custom_mask, seq_lens, prefix_slots, tree_slots, tree_mask):
     table[:, :width] = prefix_slots
     # Position seq_len + j of request r is its tree token j.
     table.scatter_(1, seq_lens.cpu()[:, None] + torch.arange(n), tree_slots.cpu())
-    return tree_attention.plan_slots(seq_lens.tolist(), parents, table)
+    # The masks were just checked to be these parents' ancestor masks: reuse them.
+    return tree_attention.plan_slots(seq_lens.tolist(), parents, table, ancestors=list(masks))
 
 
 def verify_masks(custom_mask: torch.Tensor, seq_lens: torch.Tensor, n: int,
