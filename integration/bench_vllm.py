@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import sys
@@ -220,6 +221,29 @@ def run_interleaved(names, model, cats, n, max_tokens, concurrencies, log_dir, d
     return results, choices
 
 
+def run_rounds(names, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
+               draft_off=False, rounds=1):
+    """One server after another, ``rounds`` times, each round starting one configuration
+    later (drift of the machine over a run falls on every configuration alike); the
+    rounds pooled."""
+    res, choices = {}, {c: [] for c in names}
+    for rnd in range(rounds):
+        k = rnd % len(names)
+        this = {}
+        for c in names[k:] + names[:k]:
+            this[c], ch = run_config(c, model, cats, n, max_tokens, concurrencies, log_dir,
+                                     drafter, draft_off)
+            choices[c] += ch
+            res[c] = ({key: (add(res[c][key], r, bool(CONFIGS[c][0])) if isinstance(key, tuple)
+                          else res[c][key]) for key, r in this[c].items()}
+                      if c in res else this[c])
+        if rounds > 1:
+            for t in totals_of(this, names, cats, concurrencies):
+                print(f"  round {rnd + 1}: {t['config']:15s} c={t['concurrency']}: "
+                      f"{t['speedup']:.3f}x", file=sys.stderr, flush=True)
+    return res, choices
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -257,28 +281,11 @@ def main():
         a.configs.insert(0, "vanilla")
     if a.log_dir:
         Path(a.log_dir).mkdir(parents=True, exist_ok=True)
-    res, choices = {}, {c: [] for c in a.configs}
-    if a.interleave:
-        if a.rounds != 1:
-            ap.error("--interleave runs one round (use more prompts: --n)")
-        res, choices = run_interleaved(a.configs, a.model, a.categories, a.n, a.max_tokens,
-                                       a.concurrency, a.log_dir, a.drafter, a.draft_off)
-    for rnd in range(a.rounds if not a.interleave else 0):
-        # Each round starts one configuration later: drift of the machine over a run
-        # falls on every configuration alike.
-        k = rnd % len(a.configs)
-        this = {}
-        for c in a.configs[k:] + a.configs[:k]:
-            this[c], ch = run_config(c, a.model, a.categories, a.n, a.max_tokens,
-                                     a.concurrency, a.log_dir, a.drafter, a.draft_off)
-            choices[c] += ch
-            res[c] = ({key: (add(res[c][key], r, bool(CONFIGS[c][0])) if isinstance(key, tuple)
-                          else res[c][key]) for key, r in this[c].items()}
-                      if c in res else this[c])
-        if a.rounds > 1:
-            for t in totals_of(this, a.configs, a.categories, a.concurrency):
-                print(f"  round {rnd + 1}: {t['config']:15s} c={t['concurrency']}: "
-                      f"{t['speedup']:.3f}x", file=sys.stderr, flush=True)
+    if a.interleave and a.rounds != 1:
+        ap.error("--interleave runs one round (use more prompts: --n)")
+    run = run_interleaved if a.interleave else functools.partial(run_rounds, rounds=a.rounds)
+    res, choices = run(a.configs, a.model, a.categories, a.n, a.max_tokens, a.concurrency,
+                       a.log_dir, a.drafter, a.draft_off)
 
     print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
           f"max_tokens {a.max_tokens}\n")
