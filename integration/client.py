@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prompts import prompts
 
-MAX_TOKENS = 96
+MAX_TOKENS = 64
 # What SGLang needs in a request's extra_body to return the output's token ids.
 SGLANG_IDS = {"return_output_ids_in_sglext": True}
 CONVERSATIONS = prompts("code_edit", 4) + prompts("humaneval", 2) + prompts("chat", 2)

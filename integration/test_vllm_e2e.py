@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from client import CONVERSATIONS, assert_outputs_equal, banned_token, complete, run_all
+from client import (CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, banned_token, complete,
+                    run_all)
 from vllm_server import mean_acceptance_length, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +67,7 @@ def request_spec_metrics(url, messages, xargs=None):
     if xargs is not None:
         extra["vllm_xargs"] = xargs
     r = client.chat.completions.create(model="default", messages=messages, temperature=0,
-                                       max_tokens=96, extra_body=extra)
+                                       max_tokens=MAX_TOKENS, extra_body=extra)
     metrics = (r.model_extra.get("metrics") or {}).get("speculative_decoding") or {}
     return list(r.choices[0].token_ids), metrics
 
