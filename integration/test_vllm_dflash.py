@@ -1,10 +1,10 @@
 """The dflash method end to end: a real `vllm serve` whose drafter reads the target's
-hidden states (vLLM's auxiliary hidden-state outputs) and drafts blocks, as chains and as
-DDTrees. Greedy outputs must equal the vanilla server's at batch 1 and 8 concurrent, also
-with requests aborted mid-generation and with preemption (a KV cache too small for the
-batch). The drafter is trained here, small (``spec-plugins-train-drafter`` on the default
-model with CI-sized settings): its drafts are poor, which is fine: every path (accepted
-drafts, rejected ones, trees) must keep the outputs exact.
+hidden states (captured in the target's own forward pass) and drafts blocks, as chains
+and as DDTrees. Greedy outputs must equal the vanilla server's at batch 1 and 8
+concurrent, also with requests aborted mid-generation and with preemption (a KV cache too
+small for the batch). The drafter is trained here, small (``spec-plugins-train-drafter``
+on the default model with CI-sized settings): its drafts are poor, which is fine: every
+path (accepted drafts, rejected ones, trees) must keep the outputs exact.
 """
 
 from __future__ import annotations
