@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from spec_plugins.guard import GuardedProposer
+from spec_plugins.adapter.guard import GuardedProposer
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
 from spec_plugins.tree import DraftTree
 

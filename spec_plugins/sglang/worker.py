@@ -33,19 +33,14 @@ row); grammars are applied over the tree with SGLang's own bitmask builder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from spec_plugins.cost import StepTimer
-from spec_plugins.proposers import proposer_class
-from spec_plugins.guard import GuardedProposer
-from spec_plugins.proposers.base import (CommittedStatesQueue, DraftRequest, ModelInfo,
-                                         StepContext)
+from spec_plugins.adapter.session import AdapterSession, RequestRecord, model_info
 from spec_plugins.request_controls import max_draft_tokens
 from spec_plugins.sampling import sampling_probs
-from spec_plugins.sglang.config import settings_from
+from spec_plugins.sglang.config import SUPPORTED_NEEDS, settings_from
 from spec_plugins.sglang.layout import VerifyStep, layout
 from spec_plugins.sglang.version import logger
 from spec_plugins.tree import DraftTree
@@ -56,41 +51,37 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, Forw
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
-# Prior slope of the verify cost, as a fraction of a one-token step per extra query
-# token (float32 on a CPU); calibration replaces it within a few steps.
-PRIOR_PER_TOKEN = 0.1
+WHY_SKIPPED = "SGLang applies them to verify rows as of the step's start"
 
 
-def model_info(server_args, model_runner) -> ModelInfo:
+def target_info(server_args, model_runner):
     """What the proposer learns about the loaded target (``Proposer.bind``)."""
     mc = model_runner.model_config
     model = model_runner.model
-    inner = getattr(model, "model", None)
-    head = getattr(model, "lm_head", None)
-    param = next(model.parameters(), None)
     archs = getattr(mc.hf_config, "architectures", None) or [type(model).__name__]
-    return ModelInfo(
-        model_path=server_args.model_path,
+    return model_info(
+        model, model_path=server_args.model_path,
         tokenizer_path=server_args.tokenizer_path or server_args.model_path,
         architecture=archs[0], num_layers=mc.num_hidden_layers, hidden_size=mc.hidden_size,
-        vocab_size=mc.vocab_size, max_model_len=mc.context_len, dtype=model_runner.dtype,
-        device=None if param is None else param.device,
-        embed_tokens=getattr(inner, "embed_tokens", None),
-        lm_head_weight=getattr(head, "weight", None))
+        vocab_size=mc.vocab_size, max_model_len=mc.context_len, dtype=model_runner.dtype)
 
 
-@dataclass
-class _Request:
-    """What the worker remembers about a running request between steps."""
-    num_tokens: int                 # tokens the proposer has seen (prompt + output)
-    drafted: int = 0                # draft nodes of its last tree
-    accepted: int | None = None     # of which the verifier accepted
-    topk: tuple | None = None       # (tokens [m], topk ids [m, k]) of its last verify rows
-    skip_reason: str | None = None  # why it is never drafted for
-    greedy: bool = True
-    seed: int | None = None
-    probs_args: tuple = ()          # (temperature, top_k, top_p, min_p)
-    max_draft: int | None = None    # the client's cap (custom_params), 0: no speculation
+def request_record(req) -> RequestRecord:
+    """Read a request's sampling parameters once."""
+    sp = req.sampling_params
+    reason = None
+    if (sp.frequency_penalty or sp.presence_penalty
+            or (sp.repetition_penalty is not None and sp.repetition_penalty != 1.0)):
+        reason = "frequency, presence or repetition penalties"
+    elif getattr(sp, "custom_logit_processor", None):
+        reason = "a custom logit processor"
+    greedy = sp.top_k == 1
+    seed = getattr(sp, "sampling_seed", None)
+    return RequestRecord(skip_reason=reason, tree_ok=True,
+                         temperature=0.0 if greedy else float(sp.temperature),
+                         seed=None if greedy else seed,
+                         probs_args=(sp.temperature, sp.top_k, sp.top_p, sp.min_p),
+                         max_draft=max_draft_tokens(sp.custom_params, "custom_params"))
 
 
 class SpecPluginsWorker(BaseSpecWorker):
@@ -106,24 +97,17 @@ class SpecPluginsWorker(BaseSpecWorker):
         self.method = settings.method
         # SGLang's verify width (root + drafts); outputs are padded to it.
         self.speculative_num_draft_tokens = settings.num_draft_tokens
-        self.proposer = proposer_class(self.method)(settings.options)
-        self.proposer.logger = logger
-        # Every call into the method goes through the guard: its faults never reach SGLang.
-        self.guard = GuardedProposer(self.proposer, self.method, logger)
-        self.guard.bind(model_info(server_args, self.model_runner))
-        self.wants_topk = "target_topk" in self.proposer.needs
-        self.wants_states = "hidden_states" in self.proposer.needs
-        # Hidden states of committed tokens, queued per request until its next draft.
-        self._states = CommittedStatesQueue()
+        self.session = AdapterSession(self.method, settings.options, logger, "SGLang",
+                                      SUPPORTED_NEEDS)
+        self.session.bind(target_info(server_args, self.model_runner))
+        self.wants_topk = self.session.wants_topk
+        self.wants_states = self.session.wants_states
         self._capture = {}
         if self.wants_states:
             self._capture = {"capture_hidden_mode": CaptureHiddenMode.FULL}
             self._capture_layers(self.model_runner.model)
-        self.timer = StepTimer(PRIOR_PER_TOKEN)
         self.rng = np.random.default_rng()
         self.vocab_size = self.model_runner.model_config.vocab_size
-        self._requests: dict[str, _Request] = {}
-        self._logged_reasons: set[str] = set()
         logger.info("spec_plugins: method %s through SGLang, verify width %d (up to %d draft "
                     "tokens per step), options %s", self.method,
                     self.speculative_num_draft_tokens, self.speculative_num_draft_tokens - 1,
@@ -133,11 +117,8 @@ class SpecPluginsWorker(BaseSpecWorker):
         """Have the target capture the residual stream after each of the method's layers
         in its forward passes (SGLang's DFlash capture: id ``l`` -> output of layer ``l``,
         as the vLLM adapter's auxiliary outputs)."""
-        layers = list(getattr(self.proposer, "hidden_layers", ()) or ())
+        layers = list(self.session.hidden_layers())
         capture = getattr(model, "set_dflash_layers_to_capture", None)
-        if not layers:
-            raise RuntimeError(f"spec_plugins method {self.method!r} needs hidden states but "
-                               "lists no hidden_layers after bind()")
         if capture is None:
             raise RuntimeError(
                 f"spec_plugins method {self.method!r} reads the target's hidden states, which "
@@ -147,19 +128,12 @@ class SpecPluginsWorker(BaseSpecWorker):
         logger.info("spec_plugins: %s reads the target's hidden states at layers %s "
                     "(SGLang's auxiliary capture)", self.method, layers)
 
-    def _queue_states(self, rid: str, first_position: int, states: torch.Tensor) -> None:
-        st = self._requests.get(rid)
-        if st is None or st.skip_reason or st.max_draft == 0:
-            return   # never drafted for: nothing to keep
-        self._states.put(rid, first_position, states)
-
     # ---- SGLang's worker protocol -------------------------------------------
     def clear_cache_pool(self):
-        for rid in list(self._requests):
-            self._finish(rid)
+        self.session.retain(())
 
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
-        self._finish(rid)
+        self.session.finish(rid)
 
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None,
                                  **kwargs) -> GenerationBatchResult:
@@ -176,8 +150,7 @@ class SpecPluginsWorker(BaseSpecWorker):
         logits = None if result.logits_output is None else result.logits_output.next_token_logits
         if logits is not None and bs:
             for req in batch.reqs:
-                if req.rid not in self._requests:
-                    self._requests[req.rid] = self._new_request(req)
+                self._record(req)
             if predict is not None:
                 self._sample_seeded_first_tokens(batch, logits, predict)
             if self.wants_topk:
@@ -187,7 +160,7 @@ class SpecPluginsWorker(BaseSpecWorker):
                 # Every token this prefill (chunk) computed, request after request: [tokens, F].
                 off = 0
                 for req, start, n in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
-                    self._queue_states(req.rid, int(start), hidden[off:off + int(n)])
+                    self.session.queue_states(req.rid, int(start), hidden[off:off + int(n)])
                     off += int(n)
         accept_tokens = torch.zeros(bs, N, dtype=torch.int32, device=self.device)
         if predict is not None and bs:
@@ -208,10 +181,11 @@ class SpecPluginsWorker(BaseSpecWorker):
     def _keep_topk_after_prefill(self, batch, logits) -> None:
         """``target_topk`` for a request's first draft: the target's top-k after its
         last prompt token."""
-        ids = logits.topk(self.proposer.topk, dim=-1).indices.cpu().numpy()
+        ids = logits.topk(self.session.proposer.topk, dim=-1).indices.cpu().numpy()
         for b, req in enumerate(batch.reqs):
             last = req.origin_input_ids_unpadded[-1:]
-            self._requests[req.rid].topk = (np.asarray(last, dtype=np.int64), ids[b:b + 1])
+            self.session.requests[req.rid].topk = (np.asarray(last, dtype=np.int64),
+                                                   ids[b:b + 1])
 
     def _sample_seeded_first_tokens(self, batch, logits, predict) -> None:
         """A seeded sampled request's first token, drawn from its seed like every later
@@ -219,7 +193,7 @@ class SpecPluginsWorker(BaseSpecWorker):
         ignores seeds unless deterministic inference is on. Requests with a logit bias,
         a grammar or logprobs keep SGLang's own draw (it applied those)."""
         for b, req in enumerate(batch.reqs):
-            st = self._requests[req.rid]
+            st = self.session.requests[req.rid]
             sp = req.sampling_params
             if (st.greedy or st.seed is None or sp.logit_bias or req.grammar is not None
                     or req.return_logprob):
@@ -260,14 +234,14 @@ class SpecPluginsWorker(BaseSpecWorker):
 
         # Where each request's root sits (read before SGLang advances the lengths).
         seq_lens = batch.seq_lens.tolist() if self.wants_states else None
-        self.timer.start()
+        self.session.timer.start()
         result = self.target_worker.forward_batch_generation(batch, is_verify=True,
                                                              **self._capture)
         logits_output = result.logits_output
         logits = logits_output.next_token_logits                            # [bs * n, V]
         self._process_logits(batch, step, verify_input, logits)
         verdicts = self._verify(reqs, step, logits)
-        self.timer.stop(bs * n)
+        self.session.timer.stop(bs * n)
 
         # SGLang's layout of the outcome: per request the accepted rows (root first) and
         # the token emitted after each.
@@ -283,7 +257,8 @@ class SpecPluginsWorker(BaseSpecWorker):
             if hidden is not None:
                 # Rows of the root (position seq_len) and the accepted path after it.
                 idx = torch.tensor(rows, dtype=torch.long, device=hidden.device) + b * n
-                self._queue_states(reqs[b].rid, int(seq_lens[b]), hidden.index_select(0, idx))
+                self.session.queue_states(reqs[b].rid, int(seq_lens[b]),
+                                          hidden.index_select(0, idx))
         predict, accept_index, accept_lens = (predict.to(dev), accept_index.to(dev),
                                               accept_lens.to(dev))
         from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
@@ -315,9 +290,9 @@ class SpecPluginsWorker(BaseSpecWorker):
 
     def _draft(self, batch) -> tuple[list[DraftTree], list[int]]:
         reqs = batch.reqs
-        live = {r.rid for r in reqs}
-        for rid in [r for r in self._requests if r not in live]:
-            self._finish(rid)   # aborted or retracted (a resumed request starts over)
+        session = self.session
+        # Aborted or retracted requests are finished (a resumed request starts over).
+        session.retain(r.rid for r in reqs)
         N = self.speculative_num_draft_tokens
         max_len = self.model_runner.model_config.context_len
         trees = [DraftTree.empty() for _ in reqs]
@@ -327,63 +302,28 @@ class SpecPluginsWorker(BaseSpecWorker):
                                  count=len(req.origin_input_ids_unpadded))
             tokens = np.concatenate([tokens, np.asarray(req.output_ids, dtype=np.int64)])
             roots.append(int(tokens[-1]))
-            st = self._requests.get(req.rid)
-            if st is None:
-                st = self._requests[req.rid] = self._new_request(req)
+            st = self._record(req)
             new = tokens[st.num_tokens:].tolist() if st.num_tokens else req.output_ids[-1:]
             st.num_tokens = len(tokens)
             left = req.sampling_params.max_new_tokens
             left = N if left is None else left - len(req.output_ids)
             room = min(N - 1, max_len - len(tokens) - 1, left - 1)
-            if st.max_draft is not None:
-                room = min(room, st.max_draft)
-            if st.skip_reason or room <= 0:
-                continue
-            temperature = 0.0 if st.greedy else float(st.probs_args[0])
-            requests.append(DraftRequest(
-                req_id=req.rid, token_ids=tokens,
-                num_prompt_tokens=len(req.origin_input_ids_unpadded), new_tokens=list(new),
-                max_draft_tokens=room,
-                num_accepted=st.accepted if st.drafted else None,
-                isolated=st.seed is not None, tree_ok=True, temperature=temperature,
-                seed=st.seed))
-            idx.append(b)
-        if requests:
-            ctx = StepContext(cost=self.timer.cost, batch_tokens=len(reqs))
-            if self.wants_topk:
-                ctx.target_topk = [self._requests[r.req_id].topk for r in requests]
-            if self.wants_states:
-                ctx.hidden_states = [self._states.take(r.req_id) for r in requests]
-            proposed = self.guard.propose(requests, ctx)
-            for b, tree in zip(idx, proposed):
-                trees[b] = tree
+            dr = session.draft_request(req.rid, tokens, len(req.origin_input_ids_unpadded),
+                                       list(new), room)
+            if dr is not None:
+                requests.append(dr)
+                idx.append(b)
+        for b, tree in zip(idx, session.propose(requests, len(reqs))):
+            trees[b] = tree
         for b, req in enumerate(reqs):
-            self._requests[req.rid].drafted = len(trees[b])
+            session.drafted(req.rid, len(trees[b]))
         return trees, roots
 
-    def _new_request(self, req) -> _Request:
-        sp = req.sampling_params
-        reason = None
-        if (sp.frequency_penalty or sp.presence_penalty
-                or (sp.repetition_penalty is not None and sp.repetition_penalty != 1.0)):
-            reason = "frequency, presence or repetition penalties"
-        elif getattr(sp, "custom_logit_processor", None):
-            reason = "a custom logit processor"
-        if reason and reason not in self._logged_reasons:
-            self._logged_reasons.add(reason)
-            logger.info("spec_plugins: requests with %s are served without drafts (SGLang "
-                        "applies them to verify rows as of the step's start)", reason)
-        greedy = sp.top_k == 1
-        seed = getattr(sp, "sampling_seed", None)
-        return _Request(num_tokens=0, skip_reason=reason, greedy=greedy,
-                        seed=None if greedy else seed,
-                        probs_args=(sp.temperature, sp.top_k, sp.top_p, sp.min_p),
-                        max_draft=max_draft_tokens(sp.custom_params, "custom_params"))
-
-    def _finish(self, rid: str) -> None:
-        self._states.drop(rid)
-        if self._requests.pop(rid, None) is not None:
-            self.guard.finish(rid)
+    def _record(self, req) -> RequestRecord:
+        rec = self.session.requests.get(req.rid)
+        if rec is None:
+            rec = self.session.admit(req.rid, request_record(req), WHY_SKIPPED)
+        return rec
 
     def _process_logits(self, batch, step: VerifyStep, verify_input, logits) -> None:
         """What SGLang applies to logits before sampling, on every verify row: its
@@ -419,11 +359,11 @@ class SpecPluginsWorker(BaseSpecWorker):
         argmax = logits.argmax(dim=-1).view(len(reqs), n).cpu().numpy()
         topk = None
         if self.wants_topk:
-            topk = logits.topk(self.proposer.topk, dim=-1).indices.view(len(reqs), n, -1)
+            topk = logits.topk(self.session.proposer.topk, dim=-1).indices.view(len(reqs), n, -1)
             topk = topk.cpu().numpy()
         verdicts = []
         for b, req in enumerate(reqs):
-            st = self._requests[req.rid]
+            st = self.session.requests[req.rid]
             tree = step.trees[b]
             m = len(tree)
             if st.greedy:

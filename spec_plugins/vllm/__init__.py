@@ -15,40 +15,20 @@ unknown keys). :func:`register` is the ``vllm.general_plugins`` entry point.
 from __future__ import annotations
 
 from spec_plugins.proposers import methods
+from spec_plugins.vllm.hooks import ENGINE_FIXES, HOOKS, Seam
 
 PREFIX = "spec_plugins.vllm."
 
-_registered: bool | None = None
-_unsupported: str | None = None   # why register() installed nothing
+# This process's seam: what is installed in vLLM and why not (one per process: vLLM calls
+# the entry point with no arguments).
+SEAM = Seam(HOOKS, ENGINE_FIXES)
 
 
 def register() -> None:
-    """Entry point: runs in every vLLM process, so it is idempotent and cheap. On an
-    unsupported vLLM it registers nothing and logs why, once per process."""
-    global _registered, _unsupported
-    if _registered is not None:
-        return
-    from spec_plugins.vllm.version import logger, unsupported_reason
-
-    reason = unsupported_reason()
-    if reason is not None:
-        _registered, _unsupported = False, reason
-        logger.warning(reason)
-        return
-    from spec_plugins.vllm import hooks
-
-    hooks.install()
-    _registered = True
-
-
-def hooks_missing_reason() -> str | None:
-    """None when this process has the hooks a spec_plugins drafter needs, else why not."""
-    if _registered:
-        return None
-    if _registered is None:
-        return ("the vllm.general_plugins entry point 'spec_plugins' was not loaded in this "
-                "process (is it excluded by VLLM_PLUGINS?)")
-    return _unsupported
+    """Entry point: runs in every vLLM process, so it is idempotent and cheap, and never
+    raises. On an unsupported vLLM, or one whose functions differ from what the hooks
+    expect, it installs nothing and logs why, once per process."""
+    SEAM.register()
 
 
 def __getattr__(name: str):

@@ -3,8 +3,9 @@
 ``hooks.activate`` registers :class:`TreeCPUAttentionBackend` under ``CPU_ATTN``
 (``vllm.v1.attention.backends.registry.register_backend``) in engine processes that run a
 tree-drafting spec_plugins method. It *is* vLLM's CPU backend whenever the step has no
-branching draft tree (the drafter sets each builder's ``tree_step`` for the steps that
-have one); in a tree step the requests with trees
+branching draft tree (``hooks.attach_plan`` hands each builder the step's
+:class:`~spec_plugins.vllm.tree_step.TreePlan` for the steps that have one); in a tree
+step the requests with trees
 go through ``spec_plugins.kernels.tree_attention`` (its C kernel for float32, built on
 first use; else its torch path) and the rest through vLLM's own kernel on a sub-batch.
 """
@@ -24,7 +25,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend,
                                                  CPUAttentionMetadataBuilder)
 
 from spec_plugins.kernels import tree_attention
-from spec_plugins.vllm.tree_step import TreeStep
+from spec_plugins.vllm.tree_step import TreePlan
 
 
 @dataclass
@@ -55,36 +56,34 @@ def cpu_metadata(builder: CPUAttentionMetadataBuilder, query_start_loc, max_quer
 
 
 class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
-    # This step's trees, set by the drafter (spec_plugins.vllm.drafter) between
-    # preparing the step's inputs and sampling; None otherwise.
-    tree_step: TreeStep | None = None
+    # This step's trees, handed over by ``hooks.attach_plan`` between preparing the
+    # step's inputs and sampling; None otherwise.
+    tree_plan: TreePlan | None = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        step = self.tree_step
+        plan = self.tree_plan
         cm = common_attn_metadata
-        if (step is None or cm.num_reqs != step.num_reqs
-                or cm.num_actual_tokens != step.num_tokens
+        if (plan is None or cm.num_reqs != plan.num_reqs
+                or cm.num_actual_tokens != plan.num_tokens
                 or self.is_cross_attention or self.is_encoder_only_attention):
             return md  # vLLM's own metadata: the impl then runs vLLM's kernel
         md = TreeCPUAttentionMetadata(**md.__dict__)
-        rows = torch.from_numpy(step.rows)
-        md.tree = tree_attention.plan(step.prefix_lens, [t.parents for t in step.trees],
+        rows = torch.from_numpy(plan.rows)
+        md.tree = tree_attention.plan(plan.prefix_lens, [t.parents for t in plan.trees],
                                       cm.block_table_tensor.index_select(0, rows),
                                       self.block_size)
-        md.tree_tokens = step.tree_tokens
-        step.slots = cm.slot_mapping[: cm.num_actual_tokens].index_select(0, step.tree_tokens)
-        step.block_size = self.block_size
-        if len(step.other_rows):
-            other = torch.from_numpy(step.other_rows)
+        md.tree_tokens = plan.tree_tokens
+        if len(plan.other_rows):
+            other = torch.from_numpy(plan.other_rows)
             qsl = torch.zeros(len(other) + 1, dtype=cm.query_start_loc.dtype)
-            qsl[1:] = torch.from_numpy(np.cumsum(step.other_q_lens))
+            qsl[1:] = torch.from_numpy(np.cumsum(plan.other_q_lens))
             seq_lens = cm.seq_lens.index_select(0, other)
-            md.other = cpu_metadata(self, qsl, int(step.other_q_lens.max()), seq_lens,
+            md.other = cpu_metadata(self, qsl, int(plan.other_q_lens.max()), seq_lens,
                                     cm.block_table_tensor.index_select(0, other),
-                                    cm.slot_mapping.index_select(0, step.other_tokens),
+                                    cm.slot_mapping.index_select(0, plan.other_tokens),
                                     causal=md.causal)
-            md.other_tokens = step.other_tokens
+            md.other_tokens = plan.other_tokens
         return md
 
 

@@ -11,7 +11,7 @@ auxiliary state (``EagleModelMixin._maybe_add_hidden_state``), hands the state t
 returns without speculation (measured: ~0.9 ms for the same 5 layers).
 
 CPU only: inside a CUDA graph the op would run once, at capture, and never on replay;
-on a GPU the hooks keep vLLM's auxiliary outputs (``hooks.make_aux``).
+on a GPU the hooks keep vLLM's auxiliary outputs (``hooks._setup_aux``).
 """
 
 from __future__ import annotations
@@ -63,10 +63,15 @@ class HiddenCapture:
 
         return current_platform.is_cpu() and _eagle_module(model) is not None
 
-    def install(self, model) -> None:
-        """Make ``model`` (where :meth:`supported`; before its first forward, so before it
-        is compiled) hand its states at ``layer_ids`` to this capture."""
-        inner = _eagle_module(model)
+    @staticmethod
+    def module(model):
+        """The part of ``model`` whose forward calls ``_maybe_add_hidden_state``."""
+        return _eagle_module(model)
+
+    def hook(self):
+        """The function the model's forward calls in place of the mixin's
+        ``_maybe_add_hidden_state`` (``hooks.install_capture`` puts it there): it hands
+        the states at ``layer_ids`` to this capture."""
         global _active
         _register_op()
         _active = self
@@ -77,10 +82,7 @@ class HiddenCapture:
                 op(hidden_states, residual, layer_idx)
             return aux
 
-        # An instance attribute: the model's forward calls it in place of the mixin's
-        # method, and its auxiliary list stays empty (the forward returns what it
-        # returns without speculation).
-        inner._maybe_add_hidden_state = _maybe_add_hidden_state
+        return _maybe_add_hidden_state
 
     def outputs(self) -> list[torch.Tensor]:
         """The last forward's states, one ``[num_tokens, hidden]`` tensor per layer id in

@@ -15,7 +15,7 @@ def plugin():
     import spec_plugins.vllm as adapter
 
     adapter.register()
-    assert adapter._registered is True
+    assert adapter.SEAM.registered is True
     yield adapter
 
 
@@ -53,10 +53,22 @@ def test_bad_settings_fail_config_construction(tiny_model, spec, additional, msg
     assert isinstance(e.value, (OptionError, ValueError))
 
 
-def test_other_speculative_methods_are_untouched(tiny_model):
-    cfg = engine_config(tiny_model, {"method": "ngram", "num_speculative_tokens": 3,
-                                     "prompt_lookup_max": 3})
-    assert cfg.speculative_config.method == "ngram"
+def test_other_speculative_methods_are_untouched(tiny_model, plugin):
+    """vLLM's own ngram builds the same speculative config with the hooks as without."""
+    from spec_plugins.vllm.config import settings_from
+
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    with_hooks = engine_config(tiny_model, ngram)
+    assert settings_from(with_hooks) is None
+    plugin.SEAM.uninstall()
+    try:
+        without = engine_config(tiny_model, ngram)
+    finally:
+        plugin.SEAM.register()
+    fields = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+              "model")
+    assert ({f: getattr(with_hooks.speculative_config, f) for f in fields}
+            == {f: getattr(without.speculative_config, f) for f in fields})
 
 
 def test_per_request_control_is_validated_with_the_request(tiny_model):
@@ -84,37 +96,101 @@ def test_min_p_is_accepted_only_with_our_methods(tiny_model):
         sp._validate_spec_decode(ngram)
 
 
-def test_hooks_are_installed_once():
-    from vllm.config import VllmConfig
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def targets(hooks_):
+    return {h.target: h.resolve()[1] for h in hooks_}
 
+
+def test_hooks_are_installed_once(plugin):
     from spec_plugins.vllm import hooks
 
-    before = VllmConfig.__post_init__, GPUModelRunner._sample
-    hooks.install()
-    assert (VllmConfig.__post_init__, GPUModelRunner._sample) == before
-    assert getattr(GPUModelRunner.propose_draft_token_ids, hooks._MARK)
+    before = targets(hooks.HOOKS)
+    assert all(getattr(fn, hooks.MARK, False) for fn in before.values())
+    plugin.SEAM.register()
+    assert plugin.SEAM.install(hooks.HOOKS) is None
+    assert targets(hooks.HOOKS) == before
 
 
-def test_unsupported_version_registers_nothing(monkeypatch, caplog):
+@pytest.fixture
+def bare_vllm(plugin):
+    """vLLM with the process's hooks taken out (put back afterwards)."""
+    plugin.SEAM.uninstall()
+    yield
+    plugin.SEAM.register()
+    assert plugin.SEAM.registered is True
+
+
+def fresh_seam():
+    from spec_plugins.vllm.hooks import ENGINE_FIXES, HOOKS, Seam
+
+    return Seam(HOOKS, ENGINE_FIXES)
+
+
+@pytest.mark.parametrize("change", ["renamed parameter", "removed function"])
+def test_a_changed_vllm_function_installs_no_hook(bare_vllm, monkeypatch, caplog, change):
+    """A patch release that renames a parameter or removes a function the hooks wrap:
+    nothing is wrapped, one line names it, and the drafter refuses at start-up."""
     import spec_plugins.vllm as adapter
-    from spec_plugins.vllm import version
+    from spec_plugins.vllm import hooks
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if change == "renamed parameter":
+        def _sample(self, logits, metadata):   # was spec_decode_metadata
+            raise AssertionError("not called")
+
+        monkeypatch.setattr(GPUModelRunner, "_sample", _sample)
+        named = "GPUModelRunner._sample takes (self, logits, metadata)"
+    else:
+        monkeypatch.delattr(EngineCore, "post_step")
+        named = "EngineCore.post_step is missing"
+    before = targets(h for h in hooks.HOOKS if h.mismatch() is None)
+    seam = fresh_seam()
+    with caplog.at_level(logging.WARNING, logger="vllm.spec_plugins"):
+        seam.register()
+        seam.register()
+    assert seam.registered is False and named in seam.reason
+    assert targets(h for h in hooks.HOOKS if h.mismatch() is None) == before
+    assert not any(getattr(fn, hooks.MARK, False) for fn in before.values())
+    lines = [r.getMessage() for r in caplog.records if "registering nothing" in r.getMessage()]
+    assert lines == [seam.reason]
+    monkeypatch.setattr(adapter, "SEAM", seam)
+    with pytest.raises(RuntimeError, match="spec_plugins method 'suffix' cannot run here: "
+                                           ".*" + named.replace("(", r"\(").replace(")", r"\)")):
+        adapter.suffix(SimpleNamespace())
+
+
+def test_a_failure_while_wrapping_leaves_nothing_wrapped(bare_vllm):
+    from spec_plugins.vllm import hooks
+
+    def boom(seam, orig):
+        raise RuntimeError("boom")
+
+    import dataclasses
+
+    broken = hooks.HOOKS[:-1] + (dataclasses.replace(hooks.HOOKS[-1], make=boom),)
+    before = targets(hooks.HOOKS)
+    seam = hooks.Seam(broken, hooks.ENGINE_FIXES)
+    seam.register()
+    assert seam.registered is False and "RuntimeError: boom" in seam.reason
+    assert targets(hooks.HOOKS) == before
+
+
+def test_unsupported_version_registers_nothing(bare_vllm, monkeypatch, caplog):
+    import spec_plugins.vllm as adapter
+    from spec_plugins.vllm import hooks, version
 
     monkeypatch.setattr(version, "vllm_version", lambda: "0.99.1")
-    monkeypatch.setattr(adapter, "_registered", None)
+    seam = fresh_seam()
     with caplog.at_level(logging.WARNING, logger="vllm.spec_plugins"):
-        adapter.register()
-        adapter.register()
-    assert adapter._registered is False
+        seam.register()
+        seam.register()
+    assert seam.registered is False
     lines = [r.getMessage() for r in caplog.records if "not supported" in r.getMessage()]
     assert len(lines) == 1 and "0.32.x on cpu" in lines[0]
-    with pytest.raises(RuntimeError, match="not supported"):
-        from spec_plugins.vllm import hooks
-
-        hooks.install()
+    assert not any(getattr(fn, hooks.MARK, False) for fn in targets(hooks.HOOKS).values())
     # A server that still selects a method stops at start-up, when vLLM builds the
     # drafter, instead of failing at its first drafting step.
-    monkeypatch.setattr(adapter, "_unsupported", lines[0])
+    monkeypatch.setattr(adapter, "SEAM", seam)
     with pytest.raises(RuntimeError, match="spec_plugins method 'suffix' cannot run here: "
                                            "spec_plugins: vLLM 0.99.1 is not supported"):
         adapter.suffix(SimpleNamespace())
@@ -135,9 +211,9 @@ def test_worker_patch_expands_float_sampling_parameters_correctly():
     import torch
     from vllm.v1.sample import rejection_sampler as rs
 
-    from spec_plugins.vllm import hooks
+    from spec_plugins.vllm import SEAM
 
-    hooks.activate(SimpleNamespace(makes_trees=False))
+    SEAM.activate(SimpleNamespace(makes_trees=False))
     temps = torch.tensor([0.8, 0.0, 1.3], dtype=torch.float32)
     cu = torch.tensor([2, 5, 6], dtype=torch.int32)
     out = rs.expand_batch_to_tokens(temps, cu, 6, replace_from=0, replace_to=1)
@@ -153,9 +229,9 @@ def test_engine_fix_keeps_top_k_requests_alive_in_steps_without_drafts():
     import torch
     from vllm.v1.sample import rejection_sampler as rs
 
-    from spec_plugins.vllm import hooks
+    from spec_plugins.vllm import SEAM
 
-    hooks.activate(SimpleNamespace(makes_trees=False))
+    SEAM.activate(SimpleNamespace(makes_trees=False))
     meta = SimpleNamespace(top_k=torch.tensor([6, 6]), top_p=None, all_greedy=False,
                            all_random=True, temperature=torch.tensor([1.0, 1.0]))
     empty = torch.zeros(0, 64)
@@ -171,10 +247,10 @@ def test_drafts_that_came_with_the_output_skip_the_second_round_trip():
 
     fetched = []
     core = SimpleNamespace(
-        scheduler=SimpleNamespace(**{hooks._DRAFTS_TAKEN: True}),
+        scheduler=SimpleNamespace(**{hooks.DRAFTS_TAKEN: True}),
         model_executor=SimpleNamespace(take_draft_token_ids=lambda: fetched.append(1)),
         check_for_draft_tokens=True, async_scheduling=False)
     EngineCore.post_step(core, True)
-    assert fetched == [] and getattr(core.scheduler, hooks._DRAFTS_TAKEN) is False
+    assert fetched == [] and getattr(core.scheduler, hooks.DRAFTS_TAKEN) is False
     EngineCore.post_step(core, True)
     assert fetched == [1]

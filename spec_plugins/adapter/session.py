@@ -1,0 +1,189 @@
+"""What an engine adapter keeps between steps, engine-neutral: one :class:`AdapterSession`
+per engine process that serves a spec_plugins method.
+
+Both adapters (``spec_plugins.vllm.drafter``, ``spec_plugins.sglang.worker``) translate
+their engine's batch into calls on the session and its results back into the engine's
+format, nothing more. The session owns:
+
+- one :class:`RequestRecord` per running request (what was read once from its sampling
+  parameters, its last draft and how much of it was accepted, the target's top-k at its
+  last verified positions);
+- the method's proposer behind the fault guard (:class:`GuardedProposer`);
+- the step timer that calibrates the verify-cost model on the engine's own steps;
+- the queue of committed hidden states (methods that read them);
+- the "log this reason once" set.
+
+It builds the :class:`DraftRequest` and :class:`StepContext` each ``propose`` gets and
+finishes requests that left the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from spec_plugins.adapter.guard import GuardedProposer
+from spec_plugins.cost import StepTimer
+from spec_plugins.proposers import proposer_class
+from spec_plugins.proposers.base import (CommittedStatesQueue, DraftRequest, ModelInfo,
+                                         StepContext, TargetModel)
+from spec_plugins.tree import DraftTree
+
+# Prior slope of the step-time curve, as a fraction of a one-token step per extra query
+# token (float32 on a CPU: ~0.1); online calibration replaces it within a few steps.
+PRIOR_PER_TOKEN = 0.1
+
+
+@dataclass
+class RequestRecord:
+    """What the session remembers about a running request between steps."""
+    skip_reason: str | None = None   # why it is never drafted for (options drafts cannot honour)
+    tree_ok: bool = True             # a branching tree can be verified for it
+    temperature: float = 0.0         # 0: greedy
+    seed: int | None = None          # seeded sampling: drafts from its own tokens only
+    max_draft: int | None = None     # the client's cap, 0: no speculation
+    # (temperature, top_k, top_p, min_p) for the core sampler, where the adapter verifies.
+    probs_args: tuple = ()
+    num_tokens: int = 0              # tokens the proposer has seen (prompt + output)
+    drafted: int = 0                 # draft nodes of its last draft
+    accepted: int | None = None      # of which the verifier accepted
+    topk: tuple[np.ndarray, np.ndarray] | None = None   # (tokens [m], topk ids [m, k])
+
+    @property
+    def never_drafted(self) -> bool:
+        return self.skip_reason is not None or self.max_draft == 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def model_info(model, **fields) -> ModelInfo:
+    """:class:`ModelInfo` for a loaded torch target: the engine-specific ``fields`` (sizes,
+    paths, dtype) plus the target's embedding, LM head and device, read the same way for
+    every engine."""
+    inner = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    param = next(model.parameters(), None)
+    return ModelInfo(device=None if param is None else param.device,
+                     embed_tokens=getattr(inner, "embed_tokens", None),
+                     lm_head_weight=getattr(head, "weight", None), **fields)
+
+
+class AdapterSession:
+    """One engine process's drafting state for the method it serves.
+
+    ``supplies``: what the engine adapter can hand the proposer (``Proposer.needs``);
+    a method that needs more stops start-up, naming ``engine``."""
+
+    def __init__(self, method: str, options, logger: logging.Logger, engine: str,
+                 supplies: frozenset[str], prior_per_token: float = PRIOR_PER_TOKEN):
+        self.method, self.logger = method, logger
+        self.proposer = proposer_class(method)(options)
+        self.proposer.logger = logger
+        needs = set(self.proposer.needs)
+        if needs - supplies:
+            raise NotImplementedError(
+                f"spec_plugins method {method!r} needs {sorted(needs - supplies)}, which the "
+                f"{engine} adapter does not supply")
+        # Every call into the method goes through the guard: its faults never reach the engine.
+        self.guard = GuardedProposer(self.proposer, method, logger)
+        self.wants_topk = "target_topk" in needs
+        self.wants_model = "target_model" in needs
+        self.wants_states = "hidden_states" in needs
+        self.makes_trees = bool(self.proposer.makes_trees)
+        self.timer = StepTimer(prior_per_token)
+        # Hidden states of committed tokens, queued per request until its next draft.
+        self.states = CommittedStatesQueue()
+        self.requests: dict[str, RequestRecord] = {}
+        self._logged: set[str] = set()
+
+    def bind(self, info: ModelInfo) -> None:
+        """The target is loaded: the proposer learns about it once; model-dependent
+        mistakes raise here, at start-up."""
+        self.guard.bind(info)
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        """The target layers whose outputs the method reads (after ``bind``)."""
+        layers = tuple(getattr(self.proposer, "hidden_layers", ()) or ())
+        if not layers:
+            raise RuntimeError(f"spec_plugins method {self.method!r} needs hidden states but "
+                               "lists no hidden_layers after bind()")
+        return layers
+
+    # ---- requests -------------------------------------------------------------
+    def admit(self, req_id: str, record: RequestRecord, why_skipped: str = "") -> RequestRecord:
+        """Keep ``record`` for a request seen for the first time; a skip reason is logged
+        once per reason (``why_skipped`` says why the engine cannot draft for it)."""
+        self.requests[req_id] = record
+        if record.skip_reason:
+            self.log_once(record.skip_reason, "spec_plugins: requests with %s are served "
+                          "without drafts (%s)", record.skip_reason, why_skipped)
+        return record
+
+    def log_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            self.logger.info(msg, *args)
+
+    def retain(self, live: Iterable[str]) -> None:
+        """Finish every request not in ``live`` (finished, aborted or preempted: a
+        resumed request starts over)."""
+        live = set(live)
+        for req_id in [r for r in self.requests if r not in live]:
+            self.finish(req_id)
+
+    def finish(self, req_id: str) -> None:
+        self.states.drop(req_id)
+        if self.requests.pop(req_id, None) is not None:
+            self.guard.finish(req_id)
+
+    def queue_states(self, req_id: str, first_position: int, states) -> None:
+        """Hidden states ``[n, F]`` of positions ``first_position`` on, committed by a
+        request that is drafted for (kept until its next draft)."""
+        rec = self.requests.get(req_id)
+        if rec is not None and not rec.never_drafted:
+            self.states.put(req_id, first_position, states)
+
+    # ---- a drafting step ------------------------------------------------------
+    def draft_request(self, req_id: str, token_ids: np.ndarray, num_prompt_tokens: int,
+                      new_tokens: Sequence[int], room: int) -> DraftRequest | None:
+        """The request's :class:`DraftRequest` for this step (``room``: the most draft
+        tokens the engine takes), or None when it is not drafted for."""
+        rec = self.requests[req_id]
+        if rec.never_drafted:
+            return None
+        if rec.max_draft is not None:
+            room = min(room, rec.max_draft)
+        if room <= 0:
+            return None
+        return DraftRequest(
+            req_id=req_id, token_ids=token_ids, num_prompt_tokens=num_prompt_tokens,
+            new_tokens=new_tokens, max_draft_tokens=room,
+            num_accepted=rec.accepted if rec.drafted else None,
+            isolated=rec.seed is not None, tree_ok=rec.tree_ok,
+            temperature=rec.temperature, seed=rec.seed)
+
+    def propose(self, requests: Sequence[DraftRequest], batch_tokens: int,
+                target_model: TargetModel | None = None) -> list[DraftTree]:
+        """One draft per request (empty: none), through the guard. ``batch_tokens``: the
+        tokens the next step computes anyway (one per running request)."""
+        if not requests:
+            return []
+        ctx = StepContext(cost=self.timer.cost, batch_tokens=batch_tokens,
+                          target_model=target_model)
+        if self.wants_topk:
+            ctx.target_topk = [self.requests[r.req_id].topk for r in requests]
+        if self.wants_states:
+            ctx.hidden_states = [self.states.take(r.req_id) for r in requests]
+        return self.guard.propose(requests, ctx)
+
+    def drafted(self, req_id: str, num_nodes: int) -> None:
+        """The request's draft this step had ``num_nodes`` nodes (0: none)."""
+        rec = self.requests.get(req_id)
+        if rec is not None:
+            rec.drafted = num_nodes
+            rec.topk = None   # read by this step's propose; the next verify sets it anew
