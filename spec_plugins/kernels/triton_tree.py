@@ -36,6 +36,7 @@ same kernels, which is how CI tests them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -101,12 +102,17 @@ def pack_tree_masks(anc: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, 
     return np.concatenate(words), np.array(starts), np.array(widths)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(device: torch.device, programs: int, max_tiles: int) -> int:
     """KV splits so that the GPU has about two programs per SM, each split reading at
     least 4 KV tiles; 1 off CUDA (a CPU run is the interpreter's: no occupancy)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     want = math.ceil(2 * sms / max(programs, 1))
     return int(max(1, min(want, max_tiles // 4, 64)))
 
@@ -237,21 +243,21 @@ def run(p: TritonTreePlan, query: torch.Tensor, key: torch.Tensor, value: torch.
         query, key, value, dst, part_lse, tok,
         p.work_req, p.work_q0, p.q_start, p.prefix_lens, p.table, p.table_rows,
         p.table.stride(0), p.mask_bits, p.mask_start, p.mask_words,
-        scale * 1.4426950408889634,                        # log2(e): softmax in base 2
+        scale * 1.4426950408889634, S,                     # log2(e): softmax in base 2
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         dst.stride(0) if S == 1 else part_out.stride(1),
         dst.stride(1) if S == 1 else part_out.stride(2),
         part_out.stride(0) if S > 1 else 0,
         part_lse.stride(0) if S > 1 else 0, part_lse.stride(1) if S > 1 else 0,
-        NUM_SPLITS=S, **meta)
+        SPLIT=S > 1, **meta)
     if S > 1:
         block_h = min(16, _next_pow2(H))
         _merge_splits[(p.num_tokens, triton.cdiv(H, block_h))](
             part_out, part_lse, out, tok, H,
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=S, D=D, D_PAD=d_pad, BLOCK_H=block_h, HAS_TOKENS=has_tokens)
+            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1), S,
+            D=D, D_PAD=d_pad, BLOCK_H=block_h, HAS_TOKENS=has_tokens)
     return out
 
 
@@ -277,13 +283,13 @@ def _softmax_step(acc, m_i, l_i, s, v, DOT_F32: tl.constexpr, PRECISION: tl.cons
 def _tree_attention(
         Q, K, V, Out, PartLse, Tokens,
         work_req, work_q0, q_start, prefix_lens, table, table_rows, table_stride,
-        mask_bits, mask_start, mask_words, scale_log2,
+        mask_bits, mask_start, mask_words, scale_log2, num_splits,
         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
         stride_vh, stride_ot, stride_oh, stride_os, stride_ls, stride_lt,
         G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
         HAS_TOKENS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (tile, KV head, split). With one split ``Out`` is the output; with more,
+    """Program (tile, KV head, split). Without ``SPLIT`` ``Out`` is the output; with it,
     ``Out`` is ``[splits, T, H, D_PAD]`` float32 partial outputs (normalised) and
     ``PartLse`` ``[splits, T, H]`` their base-2 log-sum-exp."""
     w = tl.program_id(0)
@@ -316,7 +322,7 @@ def _tree_attention(
     kv_end = prefix + tl.minimum(q0 + BLOCK_M // G, q_len)
     n_tiles = tl.cdiv(kv_end, BLOCK_N)
     n_free = prefix // BLOCK_N                  # tiles of prefix only: no mask
-    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    per_split = tl.cdiv(n_tiles, num_splits)
     k_lo = split * per_split
     k_hi = tl.minimum(k_lo + per_split, n_tiles)
 
@@ -361,7 +367,7 @@ def _tree_attention(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(Out + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -375,7 +381,7 @@ def _tree_attention(
 @triton.jit
 def _merge_splits(PartOut, PartLse, Out, Tokens, H,
                   stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
-                  NUM_SPLITS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                  num_splits, D: tl.constexpr, D_PAD: tl.constexpr,
                   BLOCK_H: tl.constexpr, HAS_TOKENS: tl.constexpr):
     """Program (packed token, block of heads): the splits' partial outputs weighted by
     their log-sum-exp."""
@@ -386,7 +392,7 @@ def _merge_splits(PartOut, PartLse, Out, Tokens, H,
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, D_PAD], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         lse = tl.load(PartLse + s * stride_ls + t * stride_lt + h, mask=h_ok,
                       other=float("-inf"))
         o = tl.load(PartOut + s * stride_ps + t * stride_pt + h[:, None] * stride_ph
