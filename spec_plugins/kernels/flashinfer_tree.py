@@ -160,9 +160,12 @@ def unavailable_reason() -> str | None:
 
 class Wrappers:
     """FlashInfer's wrappers for one shape, made once per device and re-planned every
-    step (each owns a workspace; making them allocates)."""
+    step (each owns a workspace; making them allocates). ``prefix_backend``: the split
+    shape's unmasked prefix prefill; FA2 by default, the module the masked calls need
+    anyway (every other backend is one more JIT build on first use)."""
 
-    def __init__(self, device, mode: str = "split", workspace_mb: int = 128):
+    def __init__(self, device, mode: str = "split", workspace_mb: int = 128,
+                 prefix_backend: str = "fa2"):
         import flashinfer
 
         if mode not in MODES:
@@ -177,7 +180,8 @@ class Wrappers:
             self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws(), "NHD",
                                                                        backend="fa2")
         else:
-            self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws(), "NHD")
+            self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                ws(), "NHD", backend=prefix_backend)
             self.tree = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws(), "NHD",
                                                                        backend="fa2")
 
