@@ -33,9 +33,11 @@ Like FlashInfer's wrappers, the work splits in two:
   float32: gather the blocks, two batched matmuls and a softmax for the whole batch
   (the query heads of a KV group stacked, so K/V are not expanded), scatter back.
 
-:func:`reference` is the definition, token by token, for tests. A GPU path (FlashInfer's
-``BatchPrefillWithPagedKVCacheWrapper`` with a custom mask) plugs in behind the same
-``plan``/run pair; it is not written yet.
+:func:`reference` is the definition, token by token, for tests. GPU paths behind the
+same plan/run split: :mod:`spec_plugins.kernels.triton_tree` (a Triton kernel reading
+vLLM's GPU paged cache or SGLang's token-slot cache) and
+:mod:`spec_plugins.kernels.flashinfer_tree` (FlashInfer's prefill wrappers, with the
+masks and indices built here). No engine uses them yet.
 """
 
 from __future__ import annotations
