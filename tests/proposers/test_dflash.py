@@ -210,6 +210,7 @@ def test_payoff_gate_skips_the_draft_pass_when_it_does_not_pay(checkpoint, monke
     """Cycles with drafts measured slower (nothing accepted, the pass costs half a step):
     the proposer stops drafting, yet its context keeps every committed token, so a draft
     after the gate reopens equals a fresh proposer's that saw the context at once."""
+    from spec_plugins import clock as wall_clock
     from spec_plugins import payoff
 
     class Clock:
@@ -219,7 +220,7 @@ def test_payoff_gate_skips_the_draft_pass_when_it_does_not_pay(checkpoint, monke
             return self.t
 
     clock = Clock()
-    monkeypatch.setattr(payoff, "clock", clock)
+    monkeypatch.setattr(wall_clock, "now", clock)
     p = proposer(checkpoint, tree=False, adaptive=False)
     p.gate = payoff.PayoffGate(window=4, retry_every=64, plain_every=8)
     pos, drafted = 5, []
