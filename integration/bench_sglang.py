@@ -117,7 +117,7 @@ def main():
                     "method costs when it does not draft")
     a = ap.parse_args()
     if a.model is None:
-        from spec_plugins.default_model import build
+        from spec_plugins.tools.default_model import build
 
         a.model = str(build())
     if "vanilla" not in a.configs:
@@ -134,9 +134,9 @@ def main():
     drafter = None
     for c in a.vllm_configs:
         if drafter is None:
-            from spec_plugins.proposers.dflash import default_drafter_dir
+            from spec_plugins.paths import drafter_dir
 
-            drafter = str(default_drafter_dir(a.model))
+            drafter = str(drafter_dir(a.model))
         res[f"vllm:{c}"], _ = bench_vllm.run_config(c, a.model, a.categories, a.n,
                                                     a.max_tokens, a.concurrency, a.log_dir,
                                                     drafter, a.draft_off)

@@ -34,7 +34,7 @@ def main() -> None:
 
     import prompts as P
     import spec_plugins.proposers.suffix as suffix
-    from spec_plugins.default_model import build
+    from spec_plugins.tools.default_model import build
 
     suffix.fit_batch = lambda trees, *a, **k: list(trees)
     steps = [0]

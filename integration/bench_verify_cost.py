@@ -39,7 +39,7 @@ def main() -> None:
 
     import openai
 
-    from spec_plugins.default_model import build
+    from spec_plugins.tools.default_model import build
 
     model = str(build())
     convs = prompts("chat", 3, start=12)

@@ -270,13 +270,13 @@ def main():
                     "(default: the one spec-plugins-train-drafter built for the model)")
     a = ap.parse_args()
     if a.model is None:
-        from spec_plugins.default_model import build
+        from spec_plugins.tools.default_model import build
 
         a.model = str(build())
     if a.drafter is None:
-        from spec_plugins.proposers.dflash import default_drafter_dir
+        from spec_plugins.paths import drafter_dir
 
-        a.drafter = str(default_drafter_dir(a.model))
+        a.drafter = str(drafter_dir(a.model))
     if "vanilla" not in a.configs:
         a.configs.insert(0, "vanilla")
     if a.log_dir:

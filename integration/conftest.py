@@ -18,7 +18,7 @@ os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 
 @pytest.fixture(scope="session")
 def default_model() -> str:
-    from spec_plugins.default_model import build
+    from spec_plugins.tools.default_model import build
 
     return str(build())
 
@@ -65,7 +65,7 @@ def dflash_drafter(default_model, tmp_path_factory):
     from vllm_server import engine_env
 
     out = tmp_path_factory.mktemp("dflash-drafter")
-    p = subprocess.run([sys.executable, "-m", "spec_plugins.train_drafter", "--model",
+    p = subprocess.run([sys.executable, "-m", "spec_plugins.tools.train_drafter", "--model",
                         default_model, "--out", str(out), *CI_TRAINING],
                        capture_output=True, text=True, timeout=1200, env=engine_env())
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

@@ -22,7 +22,7 @@ PROMPT = ("Rewrite this function with type hints and a docstring, and return the
 def main() -> None:
     import openai
 
-    from spec_plugins.default_model import build
+    from spec_plugins.tools.default_model import build
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", default=PROMPT)

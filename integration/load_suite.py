@@ -260,12 +260,12 @@ def main() -> int:
         ap.error(f"--configs {bad} unknown for {a.engine}; allowed: {', '.join(allowed)}")
     a.kv_bytes = a.kv_bytes or default_kv
     if a.model is None:
-        from spec_plugins.default_model import build
+        from spec_plugins.tools.default_model import build
 
         a.model = str(build())
-    from spec_plugins.proposers.dflash import default_drafter_dir
+    from spec_plugins.paths import drafter_dir
 
-    drafter = str(default_drafter_dir(a.model))
+    drafter = str(drafter_dir(a.model))
     if "vanilla" not in a.configs:
         a.configs.insert(0, "vanilla")
     if a.log_dir:

@@ -10,8 +10,9 @@ of the last slope) and can be refined online with observed step times.
 from __future__ import annotations
 
 import bisect
-import time
 from typing import Mapping
+
+from spec_plugins import clock
 
 
 class CostModel:
@@ -89,10 +90,10 @@ class StepTimer:
             self.cost.observe(n, seconds)
 
     def start(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = clock.now()
 
     def stop(self, n: int) -> None:
         """The step started by :meth:`start` computed ``n`` query tokens."""
         if self._t0 is not None:
-            self.observe(n, time.perf_counter() - self._t0)
+            self.observe(n, clock.now() - self._t0)
         self._t0 = None

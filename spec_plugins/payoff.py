@@ -12,14 +12,16 @@ Engine-agnostic: a proposer calls ``gate.begin`` at the top of ``propose`` and
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from typing import Sequence
+from typing import Hashable, Protocol, Sequence
 
-from spec_plugins.proposers.base import DraftRequest
+from spec_plugins import clock
 
-# Wall clock of draft and cycle timings (tests substitute a simulated one).
-clock = time.perf_counter
+
+class CycleRequest(Protocol):
+    """What the gate reads of a request (``proposers.base.DraftRequest`` has it)."""
+    req_id: Hashable
+    new_tokens: Sequence[int]
 
 
 class Backoff:
@@ -77,8 +79,8 @@ class PayoffGate:
             return None
         return sum(s for s, _ in d) / max(sum(t for _, t in d), 1)
 
-    def begin(self, requests: Sequence[DraftRequest], batch_tokens: int) -> bool:
-        now = clock()
+    def begin(self, requests: Sequence[CycleRequest], batch_tokens: int) -> bool:
+        now = clock.now()
         ids = frozenset(r.req_id for r in requests)
         # Comparable cycles only: the same requests, none of them prefilling.
         if self._last is not None and ids == self._ids and batch_tokens == len(requests):

@@ -1,7 +1,8 @@
 import pytest
 
+from spec_plugins import clock
 from spec_plugins.budget import allocate
-from spec_plugins.cost import CostModel
+from spec_plugins.cost import CostModel, StepTimer
 
 CPU = CostModel({1: 44.3, 2: 49.6, 4: 60.3, 8: 78.7, 16: 116.4, 32: 190.0})
 
@@ -35,3 +36,20 @@ def test_linear_prior_and_calibration():
     for _ in range(50):
         m.observe(8, 40.0)  # this machine turns out flat
     assert m.time(8) == pytest.approx(40.0, rel=0.01)
+
+
+def test_step_timer_reads_the_shared_clock(monkeypatch):
+    """Step times come from ``clock.now`` (the clock the payoff gate reads): a simulated
+    clock sets the fitted cost; a step far slower than predicted is idle time, dropped."""
+    t = [100.0]
+    monkeypatch.setattr(clock, "now", lambda: t[0])
+    timer = StepTimer(prior_per_token=0.5)
+    timer.start()
+    t[0] += 2.0
+    timer.stop(1)
+    assert timer.cost.time(1) == pytest.approx(2.0) and timer.cost.time(3) == pytest.approx(4.0)
+    timer.start()
+    t[0] += 60.0
+    timer.stop(1)
+    assert timer.cost.time(1) == pytest.approx(2.0)
+

@@ -5,13 +5,15 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from spec_plugins.default_model import build, default_dir, gguf_dir  # noqa: E402
+from spec_plugins.paths import CACHE_ENV, default_model_dir  # noqa: E402
+from spec_plugins.tools.default_model import build, gguf_dir  # noqa: E402
 
 
-def test_builds_a_plain_fp32_checkpoint_once(tmp_path):
+def test_builds_a_plain_fp32_checkpoint_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # never the real cache
     assert os.path.exists(os.path.join(gguf_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf"))
     out = build()
-    assert out == default_dir()
+    assert out == default_model_dir() and out.is_relative_to(tmp_path)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 30
     assert "quantization_config" not in cfg  # a normal checkpoint, not a GGUF wrapper

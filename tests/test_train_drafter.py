@@ -1,7 +1,11 @@
 """spec-plugins-train-drafter end to end on a tiny random Llama target (well under a minute)."""
 
 import json
+import pkgutil
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +13,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from spec_plugins import train_drafter as td  # noqa: E402
+from spec_plugins.tools.train_drafter import cli, corpus, features, generation  # noqa: E402
+from spec_plugins.tools.train_drafter.pipeline import run  # noqa: E402
+from spec_plugins.tools.train_drafter.settings import Settings  # noqa: E402
+from spec_plugins.tools.train_drafter.training import default_target_layers  # noqa: E402
 from spec_plugins.models.dflash import DFlashDrafter  # noqa: E402
 
 TEXT = """The river runs past the old mill and under the stone bridge. In spring the water is
@@ -57,8 +64,8 @@ def tiny_target(tmp_path_factory):
 
 
 def _run(model, corpus, out, **kw):
-    s = td.Settings.tiny(model=str(model), corpus=str(corpus), out=str(out), threads=1, **kw)
-    return td.run(s)
+    s = Settings.tiny(model=str(model), corpus=str(corpus), out=str(out), threads=1, **kw)
+    return run(s)
 
 
 def test_tiny_training_end_to_end(tiny_target, tmp_path, monkeypatch):
@@ -84,7 +91,7 @@ def test_tiny_training_end_to_end(tiny_target, tmp_path, monkeypatch):
     d = DFlashDrafter.from_pretrained(out, embed_tokens=emb)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["draft_vocab_size"] == 64
-    assert cfg["dflash_config"]["target_layer_ids"] == td.default_target_layers(4)
+    assert cfg["dflash_config"]["target_layer_ids"] == default_target_layers(4)
     assert cfg["dflash_config"]["mask_token_id"] == r1["mask_token_id"]
     assert (out / "mask_embedding.pt").exists() and d.mask_embedding is not None
     states = torch.randn(5, d.config.fc_in_features)
@@ -121,18 +128,28 @@ def test_tiny_training_end_to_end(tiny_target, tmp_path, monkeypatch):
 
 
 def test_target_layers_and_cli_parsing():
-    assert td.default_target_layers(30) == [1, 8, 14, 20, 27]
-    assert td.default_target_layers(36) == [1, 9, 17, 25, 33]
-    assert max(td.default_target_layers(4)) <= 2
-    s = td._parse(["--tiny", "--steps", "3", "--target-layers", "0,2", "--no-tie-k-norm"])
+    assert default_target_layers(30) == [1, 8, 14, 20, 27]
+    assert default_target_layers(36) == [1, 9, 17, 25, 33]
+    assert max(default_target_layers(4)) <= 2
+    s = cli.parse_args(["--tiny", "--steps", "3", "--target-layers", "0,2", "--no-tie-k-norm"])
     assert s.steps == 3 and s.target_layers == [0, 2] and not s.tie_k_norm and s.block_size == 4
-    s = td._parse(["--vocab", "4096"])
-    assert s.vocab == 4096 and s.steps == td.Settings().steps
+    s = cli.parse_args(["--vocab", "4096"])
+    assert s.vocab == 4096 and s.steps == Settings().steps
+
+
+def test_console_scripts_and_module_run_reach_the_tools():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    scripts = pyproject["project"]["scripts"]
+    assert all(callable(pkgutil.resolve_name(target)) for target in scripts.values())
+    p = subprocess.run([sys.executable, "-m", "spec_plugins.tools.train_drafter", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "spec-plugins-train-drafter" in p.stdout and "--corpus" in p.stdout
 
 
 def test_prompts_from_local_corpus_are_deterministic():
-    a = td.build_prompts("local", 20, seed=3)
-    assert a == td.build_prompts("local", 20, seed=3) and len(set(a)) > 10
+    a = corpus.build_prompts("local", 20, seed=3)
+    assert a == corpus.build_prompts("local", 20, seed=3) and len(set(a)) > 10
     assert any("def " in p or "Python" in p for p in a)
 
 
@@ -147,23 +164,23 @@ def test_truncated_forward_gives_the_full_models_hidden_states(tiny_target):
     with torch.no_grad():
         full = m(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
         for deepest in (0, 1, 2):
-            part = td._hidden_states(m, ids, att, deepest)
+            part = features.hidden_states(m, ids, att, deepest)
             for i in range(deepest + 1):
                 torch.testing.assert_close(part[i + 1], full[i + 1])
     assert len(m.model.layers) == 4  # restored
     with pytest.raises(ValueError):
-        td._hidden_states(m, ids, att, 3)
+        features.hidden_states(m, ids, att, 3)
 
 
 def test_corpus_sources_and_bad_names(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("x")
-    assert td.corpus_sources("local,self", 100) == [("local", 50), ("self", 50)]
-    assert td.corpus_sources(f"local:30,{f}", 100) == [("local", 30), (str(f), 50)]
+    assert corpus.corpus_sources("local,self", 100) == [("local", 50), ("self", 50)]
+    assert corpus.corpus_sources(f"local:30,{f}", 100) == [("local", 30), (str(f), 50)]
     with pytest.raises(ValueError, match="allowed: local, self"):
-        td.corpus_sources("locl", 10)
+        corpus.corpus_sources("locl", 10)
     with pytest.raises(ValueError, match="no source"):
-        td.corpus_sources(" , ", 10)
+        corpus.corpus_sources(" , ", 10)
 
 
 def test_decontaminator_drops_benchmark_like_prompts(tmp_path):
@@ -171,13 +188,13 @@ def test_decontaminator_drops_benchmark_like_prompts(tmp_path):
              "    \"\"\"Return the sum of a and b, checking both are integers first.\"\"\""]
     f = tmp_path / "ex.json"
     f.write_text(json.dumps(bench))
-    drop = td.Decontaminator.from_file(str(f))
+    drop = corpus.Decontaminator.from_file(str(f))
     assert drop("why do CATS purr??") and drop("Why do cats purr so loudly?")
     assert drop("Please write: Return the sum of a and b, checking both are integers first.")
     assert not drop("Why do dogs bark at night?") and not drop("How does a hash table work?")
     f.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(ValueError, match="JSON list of strings"):
-        td.Decontaminator.from_file(str(f))
+        corpus.Decontaminator.from_file(str(f))
 
 
 def test_self_prompts_are_user_turns_sampled_from_the_target(tiny_target):
@@ -186,12 +203,12 @@ def test_self_prompts_are_user_turns_sampled_from_the_target(tiny_target):
     model, _ = tiny_target
     tok = AutoTokenizer.from_pretrained(model)
     m = AutoModelForCausalLM.from_pretrained(model).eval()
-    before, after = td._chat_turn_frame(tok)
+    before, after = generation.chat_turn_frame(tok)
     assert before == "<s>user\n" and after.startswith("</s>")
-    a = td._sample_self_prompts(str(model), tok, m, 6, seed=5, backend="transformers")
-    assert a == td._sample_self_prompts(str(model), tok, m, 6, seed=5, backend="transformers")
+    a = generation.sample_self_prompts(str(model), tok, m, 6, seed=5, backend="transformers")
+    assert a == generation.sample_self_prompts(str(model), tok, m, 6, seed=5, backend="transformers")
     assert 0 < len(a) <= 6 and len(set(a)) == len(a)
-    assert all(len(td._words(p)) >= 3 and "</s>" not in p for p in a)
+    assert all(len(corpus.words(p)) >= 3 and "</s>" not in p for p in a)
 
 
 def test_init_from_an_earlier_drafter_maps_head_rows_by_token(tiny_target, tmp_path, monkeypatch):

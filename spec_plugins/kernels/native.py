@@ -2,7 +2,7 @@
 
 The shared library is compiled with the machine's C compiler (``$CC``, else ``cc``) for
 the CPU it runs on (``-march=native``), with OpenMP when the compiler has it, and cached
-in spec_plugins' cache (``default_model.cache_root``), keyed by the source,
+in spec_plugins' cache (``spec_plugins.paths.cache_root``), keyed by the source,
 the flags, the compiler and the CPU, so a copied cache never runs code built for another
 CPU. Compiling takes about a second and happens once per machine; processes that race
 (the API server and its engine core) each write a private file and rename it into place.
@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from spec_plugins.default_model import cache_root
+from spec_plugins.paths import cache_root
 
 SOURCE = Path(__file__).with_name("csrc") / "tree_attention_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from spec_plugins.options import OptionError, opt
+from spec_plugins.paths import drafter_dir
 from spec_plugins.proposers.base import DraftRequest, ModelInfo
 from spec_plugins.proposers.blockdraft import BlockOptions, BlockProposer, BlockState
 
@@ -40,13 +41,6 @@ class DFlashOptions(BlockOptions):
     dtype: str = opt("auto", choices=("auto", "float32", "bfloat16", "float16"),
                      help="drafter weights' dtype (auto: the target's, bfloat16 for a "
                           "float32 target on a CPU with native bf16)")
-
-
-def default_drafter_dir(model_path: str) -> Path:
-    """Where ``spec-plugins-train-drafter`` puts the drafter it builds for ``model_path``."""
-    from spec_plugins.train_drafter import output_dir
-
-    return output_dir(model_path)
 
 
 class _State(BlockState):
@@ -102,7 +96,7 @@ class DFlashProposer(BlockProposer):
         from spec_plugins.models.dflash import DFlashDrafter
 
         o = self.options
-        path = Path(o.drafter) if o.drafter else default_drafter_dir(model.model_path)
+        path = Path(o.drafter) if o.drafter else drafter_dir(model.model_path)
         if not (path / "config.json").is_file():
             how = ("" if o.drafter else
                    f"; build one for this model with: spec-plugins-train-drafter --model "

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from spec_plugins import payoff
+from spec_plugins import clock
 from spec_plugins.proposers.base import DraftRequest, StepContext, TargetModel
 from spec_plugins.tree import DraftTree
 
@@ -52,11 +52,11 @@ def draft_chains(model: TargetModel, requests: Sequence[DraftRequest], layers: S
         ids = [requests[i].req_id for i in active]
         last = [chains[i][-1] if chains[i] else int(requests[i].token_ids[-1]) for i in active]
         pos = [len(requests[i].token_ids) - 1 + len(chains[i]) for i in active]
-        t0 = payoff.clock()
+        t0 = clock.now()
         logits = model.draft_forward(ids, last, pos, layers)[-1]
         conf, top = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         conf, top = conf.tolist(), top.tolist()
-        timer.observe(len(layers), payoff.clock() - t0, len(active))
+        timer.observe(len(layers), clock.now() - t0, len(active))
         still = []
         for j, i in enumerate(active):
             if conf[j] < min_confidence:

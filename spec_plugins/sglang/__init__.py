@@ -15,6 +15,10 @@ the same interface as the vLLM adapter and verifies with the core verifiers.
 
 from __future__ import annotations
 
+# The CPU platform's attention backend (``cpu_attention``), by its --attention-backend
+# name; here, where the platform and the backend both read it without importing each other.
+ATTENTION_BACKEND = "spec_plugins_cpu"
+
 _registered: bool | None = None
 
 

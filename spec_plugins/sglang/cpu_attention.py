@@ -36,7 +36,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from spec_plugins.kernels import native, tree_attention
-from spec_plugins.sglang.platform import ATTENTION_BACKEND
+from spec_plugins.sglang import ATTENTION_BACKEND
 from spec_plugins.sglang.version import logger
 
 

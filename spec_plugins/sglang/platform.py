@@ -18,13 +18,11 @@ import json
 import os
 from pathlib import Path
 
+from spec_plugins.sglang import ATTENTION_BACKEND
 from spec_plugins.sglang.version import logger, unsupported_reason
 
 # What `activate` hands SGLang: resolved with pkgutil.resolve_name.
 PLATFORM_CLASS = "spec_plugins.sglang.platform:CpuPlatform"
-# The plugin attention backend (spec_plugins.sglang.cpu_attention), by its
-# --attention-backend name.
-ATTENTION_BACKEND = "spec_plugins_cpu"
 # Set to 0 to keep SGLang's own platform choice on a CPU-only machine.
 ENABLE_ENV = "SPEC_PLUGINS_SGLANG_CPU_PLATFORM"
 # Host memory the default KV cache may take (the user's --max-total-tokens wins).

@@ -3,11 +3,16 @@ distributions, adaptive block length, per-request context, option errors at bind
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from spec_plugins.models.dflash import DFlashConfig, DFlashDrafter
+from spec_plugins import paths
 from spec_plugins.options import OptionError
 from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
 from spec_plugins.proposers.dflash import DFlashProposer
@@ -77,6 +82,24 @@ def test_model_dependent_mistakes_fail_at_bind(checkpoint, opts, model, msg):
     p = DFlashProposer({"drafter": checkpoint, **opts})
     with pytest.raises(OptionError, match=msg):
         p.bind(model)
+
+
+def test_without_a_drafter_option_bind_reads_the_one_trained_for_the_model(
+        checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    model = tmp_path / "served-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+    served = dataclasses.replace(info(), model_path=str(model))
+    with pytest.raises(OptionError, match="build one for this model with: "
+                                          "spec-plugins-train-drafter --model"):
+        DFlashProposer({}).bind(served)
+    default = paths.drafter_dir(model)
+    assert default.is_relative_to(tmp_path / "cache")
+    shutil.copytree(checkpoint, default)
+    p = DFlashProposer({})
+    p.bind(served)
+    assert p.hidden_layers == tuple(LAYERS)
 
 
 def test_option_errors_name_the_field():
@@ -210,6 +233,7 @@ def test_payoff_gate_skips_the_draft_pass_when_it_does_not_pay(checkpoint, monke
     """Cycles with drafts measured slower (nothing accepted, the pass costs half a step):
     the proposer stops drafting, yet its context keeps every committed token, so a draft
     after the gate reopens equals a fresh proposer's that saw the context at once."""
+    from spec_plugins import clock as wall_clock
     from spec_plugins import payoff
 
     class Clock:
@@ -219,7 +243,7 @@ def test_payoff_gate_skips_the_draft_pass_when_it_does_not_pay(checkpoint, monke
             return self.t
 
     clock = Clock()
-    monkeypatch.setattr(payoff, "clock", clock)
+    monkeypatch.setattr(wall_clock, "now", clock)
     p = proposer(checkpoint, tree=False, adaptive=False)
     p.gate = payoff.PayoffGate(window=4, retry_every=64, plain_every=8)
     pos, drafted = 5, []

@@ -18,7 +18,7 @@ from spec_plugins.cost import CostModel
 from spec_plugins.options import OptionError
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, StepContext
 from spec_plugins.proposers.del_exit import DelProposer
-from spec_plugins import payoff
+from spec_plugins import clock
 from spec_plugins.payoff import Backoff, PayoffGate
 from spec_plugins.proposers.layerskip import Acceptance, DraftTimer, best_length, draft_chains
 from spec_plugins.proposers.swift import LayerSetSearch, SwiftProposer
@@ -41,9 +41,9 @@ class SimClock:
 
 @pytest.fixture(autouse=True)
 def sim_clock(monkeypatch):
-    clock = SimClock()
-    monkeypatch.setattr(payoff, "clock", clock)
-    return clock
+    sim = SimClock()
+    monkeypatch.setattr(clock, "now", sim)
+    return sim
 
 
 def truth(tok: int) -> int:
@@ -73,7 +73,7 @@ class ToyTarget:
 
     def draft_forward(self, req_ids, token_ids, positions, layers, exits=()):
         self.calls.append((list(req_ids), list(positions), list(layers)))
-        payoff.clock.t += 0.02 + 0.01 * len(layers)
+        clock.now.t += 0.02 + 0.01 * len(layers)
         for r, p in zip(req_ids, positions):
             assert p == self.next_pos[r] or p == self.start[r], (r, p)
             self.next_pos[r] = p + 1
@@ -123,7 +123,7 @@ class Decoder:
             self.accepted[req.req_id] = n if len(tree) else None
             self.drafted += len(tree)
             self.accepted_total += n
-        payoff.clock.t += 1.0 + 0.05 * sum(len(t) for t in trees)
+        clock.now.t += 1.0 + 0.05 * sum(len(t) for t in trees)
         return trees
 
 

@@ -17,19 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-NAME = "SmolLM2-135M-Instruct"
+from spec_plugins.paths import DEFAULT_MODEL_NAME, default_model_dir
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """spec_plugins' cache: ``$SPEC_PLUGINS_CACHE``, else ``$XDG_CACHE_HOME/spec_plugins``
-    (``~/.cache/spec_plugins``). Holds the default model and the built C kernels."""
-    return Path(os.environ.get("SPEC_PLUGINS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spec_plugins"))
-
-
-def default_dir() -> Path:
-    return cache_root() / NAME
 
 
 def gguf_dir() -> str:
@@ -43,7 +33,7 @@ def gguf_dir() -> str:
 
 
 def build(out: Path | None = None) -> Path:
-    out = Path(out) if out else default_dir()
+    out = Path(out) if out else default_model_dir()
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,7 +49,7 @@ def build(out: Path | None = None) -> Path:
         del model.config.quantization_config
     model.config.dtype = "float32"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=NAME + ".", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=DEFAULT_MODEL_NAME + ".", dir=out.parent))
     tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -74,7 +64,7 @@ def build(out: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help=f"default: {default_dir()}")
+    ap.add_argument("--out", type=Path, default=None, help=f"default: {default_model_dir()}")
     print(build(ap.parse_args(argv).out))
 
 

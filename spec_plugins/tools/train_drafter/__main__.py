@@ -1,0 +1,3 @@
+from spec_plugins.tools.train_drafter.cli import main
+
+main()
