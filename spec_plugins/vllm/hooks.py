@@ -382,7 +382,7 @@ def _prepare_inputs(seam, orig):
             plan = drafter.begin_step(self, scheduler_output)
             if plan is not None:
                 set_positions(self, plan)
-                attach_plan(self, plan)
+            attach_plan(self, plan)   # None too: no builder may keep an earlier step's plan
         return result
     return _prepare_inputs
 
