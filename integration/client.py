@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from prompts import prompts
+from integration.prompts import prompts
 
 MAX_TOKENS = 64
 # What SGLang needs in a request's extra_body to return the output's token ids.

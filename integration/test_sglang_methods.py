@@ -14,9 +14,10 @@ import pytest
 
 from concurrent.futures import ThreadPoolExecutor
 
-from client import (CONVERSATIONS, SGLANG_IDS, assert_outputs_equal, complete,
-                    sglang_complete)
-from sglang_server import SMALL_POOL, engine_env, sglang_available, sglang_python, sglang_server
+from integration.client import (CONVERSATIONS, SGLANG_IDS, assert_outputs_equal, complete,
+                                sglang_complete)
+from integration.sglang_server import (SMALL_POOL, engine_env, sglang_available, sglang_python,
+                                       sglang_server)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(sglang_available() is not None,

@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 import pytest
 
-from client import CONVERSATIONS, assert_outputs_equal, complete, run_all, run_preempting
-from vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
+from integration.client import (CONVERSATIONS, assert_outputs_equal, complete, run_all,
+                                run_preempting)
+from integration.vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")

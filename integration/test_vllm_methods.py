@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from client import CONVERSATIONS, assert_outputs_equal, complete, run_all
-from vllm_server import spec_metrics, vllm_server
+from integration.client import CONVERSATIONS, assert_outputs_equal, complete, run_all
+from integration.vllm_server import spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")

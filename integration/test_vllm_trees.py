@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 import pytest
 
-from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
-                    complete, run_all, run_preempting)
-from vllm_server import (PREEMPTING_CACHE, counter, log_file, mean_acceptance_length,
-                         spec_metrics, vllm_server)
+from integration.client import (CONVERSATIONS, assert_outputs_equal,
+                                check_aborts_leave_others_intact, complete, run_all, run_preempting)
+from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, mean_acceptance_length,
+                                     spec_metrics, vllm_server)
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
