@@ -29,7 +29,7 @@ from pathlib import Path
 
 from integration.bench_vllm import CONFIGS, FLAGS, with_drafter
 from integration.prompts import prompts
-from integration.vllm_server import counter, healthy, process_group_rss, vllm_server
+from integration.vllm_server import counter, healthy, process_tree_rss, vllm_server
 
 MAX_MODEL_LEN = 2048
 # Deterministic kinds: their outputs must equal vanilla's.
@@ -153,7 +153,7 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
                                max_retries=0, http_client=openai.DefaultHttpxClient(
                                    limits=httpx.Limits(keepalive_expiry=1.0)))
         send(client, {"kind": "greedy", "messages": mix[0]["messages"], "max_tokens": 8})
-        rss0 = process_group_rss(url.pid)
+        rss0 = process_tree_rss(url.pid)
         pre0 = counter(url, preemption_counter)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
@@ -161,7 +161,7 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
         wall = time.perf_counter() - t0
         time.sleep(5)   # let aborted requests drain
         alive = healthy(url)
-        rss1 = process_group_rss(url.pid)
+        rss1 = process_tree_rss(url.pid)
         rss2 = None
         if alive and rounds > 1:
             # The same load again: bounded caches (prefix cache, a method's cross-request
@@ -170,7 +170,7 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
                 again = list(pool.map(lambda r: send(client, r), mix))
             time.sleep(5)
             alive = healthy(url)
-            rss2 = process_group_rss(url.pid)
+            rss2 = process_tree_rss(url.pid)
             results_again = [x for x in again if not x["ok"]]
             results += results_again
         preempted = counter(url, preemption_counter) - pre0 if alive else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from integration.client import (CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, banned_token,
-                                complete, run_all)
+                                check_seeded_sampling, complete, run_all)
 from integration.vllm_server import mean_acceptance_length, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -45,11 +45,8 @@ def test_greedy_outputs_equal_vanilla_at_batch_1_and_8(vanilla, suffix_server):
     assert mean_acceptance_length(after) > 1.5
 
 
-def test_seeded_sampling_is_reproducible(suffix_server):
-    msgs = CONVERSATIONS[0]
-    a = complete(suffix_server, msgs, temperature=0.8, seed=1234)
-    b = complete(suffix_server, msgs, temperature=0.8, seed=1234)
-    assert a == b
+def test_seeded_sampling_is_reproducible(suffix_server, vanilla):
+    check_seeded_sampling(suffix_server, vanilla[0])
 
 
 def test_min_p_and_logit_bias_are_served_without_speculation(suffix_server, vanilla):

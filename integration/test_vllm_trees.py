@@ -9,13 +9,13 @@ branching trees were verified, so a silent fallback to chains fails these tests.
 
 from __future__ import annotations
 
-import re
 import pytest
 
 from integration.client import (CONVERSATIONS, assert_outputs_equal,
-                                check_aborts_leave_others_intact, complete, run_all, run_preempting)
+                                check_aborts_leave_others_intact, check_seeded_sampling, complete,
+                                run_all, run_preempting)
 from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, mean_acceptance_length,
-                                     spec_metrics, vllm_server)
+                                     spec_metrics, trees_verified, vllm_server)
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -25,12 +25,6 @@ TREE_METHODS = {
     "recycling": {"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 12},
 }
 TREES_ON = {"spec_plugins": {"tree": True}}
-
-
-def trees_verified(log_path: str) -> int:
-    with open(log_path, errors="replace") as f:
-        found = re.findall(r"draft trees verified: (\d+)", f.read())
-    return int(found[-1]) if found else 0
 
 
 @pytest.fixture(scope="module", params=sorted(TREE_METHODS))
@@ -68,11 +62,9 @@ def test_aborted_requests_leave_the_others_and_the_cache_intact(vanilla, tree_se
     check_aborts_leave_others_intact(url, vanilla)
 
 
-def test_seeded_sampling_with_trees_is_reproducible(tree_server):
+def test_seeded_sampling_with_trees_is_reproducible(tree_server, vanilla):
     _, url, _ = tree_server
-    a = complete(url, CONVERSATIONS[0], temperature=0.7, seed=7)
-    b = complete(url, CONVERSATIONS[0], temperature=0.7, seed=7)
-    assert a == b
+    check_seeded_sampling(url, vanilla[0])
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model):
