@@ -8,7 +8,7 @@ vanilla, mean acceptance length (SGLang: output tokens per verify step, from eac
 response's ``spec_tokens_details``; vLLM: 1 + accepted / drafts) and the share of
 outputs identical to vanilla's (text).
 
-    python integration/bench_sglang.py --n 4 --max-tokens 128 --vllm-configs vanilla suffix-chain
+    python -m integration.bench_sglang --n 4 --max-tokens 128 --vllm-configs vanilla suffix-chain
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import bench_vllm  # noqa: E402
-from bench_report import print_tables, rows_of, totals_of, write_json, write_svg  # noqa: E402
-from prompts import CATEGORIES, prompts  # noqa: E402
-from sglang_server import sglang_server  # noqa: E402
+from integration import bench_vllm
+from integration.bench_report import print_tables, rows_of, totals_of, write_json, write_svg
+from integration.prompts import CATEGORIES, prompts
+from integration.sglang_server import sglang_server
 
 BASE = ["--max-running-requests", "8"]
 

@@ -5,8 +5,8 @@ Runs vLLM in-process with the suffix method's verify-cost budget switched off
 prints committed tokens per decode step per category. Acceptance does not depend on
 timing, so this ceiling is exact even on a noisy machine:
 
-    LD_PRELOAD=.venv/lib/libiomp5.so .venv/bin/python integration/bench_tree_ceiling.py chain
-    LD_PRELOAD=.venv/lib/libiomp5.so .venv/bin/python integration/bench_tree_ceiling.py tree
+    LD_PRELOAD=.venv/lib/libiomp5.so .venv/bin/python -m integration.bench_tree_ceiling chain
+    LD_PRELOAD=.venv/lib/libiomp5.so .venv/bin/python -m integration.bench_tree_ceiling tree
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # patches must reach the engine
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> None:
@@ -32,7 +29,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    import prompts as P
+    import integration.prompts as P
     import spec_plugins.proposers.suffix as suffix
     from spec_plugins.tools.default_model import build
 

@@ -9,21 +9,18 @@ quantity the verify-cost model calibrates online. ``--tree``: the k tokens form 
 (two branches at the first position, k/2 deep), verified through the tree path (tree
 attention, tree sampler) instead of vLLM's chain path:
 
-    .venv/bin/python integration/bench_verify_cost.py --depths 0 1 2 4 6 8 12
-    .venv/bin/python integration/bench_verify_cost.py --depths 2 4 8 --tree
+    .venv/bin/python -m integration.bench_verify_cost --depths 0 1 2 4 6 8 12
+    .venv/bin/python -m integration.bench_verify_cost --depths 2 4 8 --tree
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from prompts import prompts  # noqa: E402
-from vllm_server import vllm_server  # noqa: E402
+from integration.prompts import prompts
+from integration.vllm_server import vllm_server
 
 METHOD_PKG = str(Path(__file__).parent / "method_pkg")
 

@@ -7,10 +7,10 @@ noisy: compare ratios from the same run). Per configuration, category and concur
 output tok/s, speedup over vanilla, mean acceptance length (1 + accepted / drafts, from
 vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vanilla's.
 
-    python integration/bench_vllm.py                      # all configs, default model
-    python integration/bench_vllm.py --configs suffix-chain suffix-tree --n 4 --max-tokens 128
-    python integration/bench_vllm.py --configs ngram swift del del-probe-all --n 6 --max-tokens 128
-    python integration/bench_vllm.py --interleave --draft-off --configs vanilla-sync suffix-tree
+    python -m integration.bench_vllm                      # all configs, default model
+    python -m integration.bench_vllm --configs suffix-chain suffix-tree --n 4 --max-tokens 128
+    python -m integration.bench_vllm --configs ngram swift del del-probe-all --n 6 --max-tokens 128
+    python -m integration.bench_vllm --interleave --draft-off --configs vanilla-sync suffix-tree
 
 ``--interleave`` keeps every configuration's server up and sends each batch of prompts to
 one after another: the fairest comparison of close figures on a noisy machine.
@@ -33,12 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_report import print_tables, rows_of, totals_of, write_json, write_svg  # noqa: E402
-from prompts import CATEGORIES, prompts  # noqa: E402
-from vllm_server import (accepted_per_position, mean_acceptance_length, spec_metrics,  # noqa: E402
-                         vllm_server)
+from integration.bench_report import print_tables, rows_of, totals_of, write_json, write_svg
+from integration.prompts import CATEGORIES, prompts
+from integration.vllm_server import (accepted_per_position, mean_acceptance_length, spec_metrics,
+                                     vllm_server)
 
 CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     "vanilla": (None, None),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from prompts import prompts
+from integration.prompts import prompts
 
 MAX_TOKENS = 64
 # What SGLang needs in a request's extra_body to return the output's token ids.
@@ -12,7 +12,7 @@ SGLANG_IDS = {"return_output_ids_in_sglext": True}
 CONVERSATIONS = prompts("code_edit", 4) + prompts("humaneval", 2) + prompts("chat", 2)
 
 
-def complete(url, messages, **kw):
+def complete(url, messages, **kw) -> list[int]:
     """Token ids of one chat completion: vLLM returns them with ``return_token_ids``,
     SGLang in ``sglext.output_ids`` when asked (``SGLANG_IDS``, through ``extra_body``)."""
     import openai
@@ -22,10 +22,13 @@ def complete(url, messages, **kw):
     r = client.chat.completions.create(model="default", messages=messages,
                                        max_tokens=kw.pop("max_tokens", MAX_TOKENS),
                                        extra_body=extra, **kw)
-    choice = r.choices[0]
-    sgl = ((r.model_extra or {}).get("sglext") or {}).get("output_ids")
-    ids = getattr(choice, "token_ids", None) or (sgl[0] if sgl else None)
-    return list(ids) if ids else choice.message.content
+    ids = getattr(r.choices[0], "token_ids", None)
+    if ids is None:
+        sgl = ((r.model_extra or {}).get("sglext") or {}).get("output_ids")
+        ids = sgl[0] if sgl else None
+    # Outputs are compared as token ids: text would hide tokenisation differences.
+    assert ids is not None, "the response has no token ids (SGLang needs extra_body=SGLANG_IDS)"
+    return list(ids)
 
 
 def run_all(url, conversations=CONVERSATIONS, **kw):
@@ -90,6 +93,26 @@ def check_aborts_leave_others_intact(url, vanilla) -> None:
     for i in range(4):
         assert complete(url, CONVERSATIONS[i], temperature=0) == vanilla[0][i], \
             f"prompt {i} re-sent after its abort"
+
+
+# Two seeds for sampled requests; seeded outputs differ from greedy ones and between seeds.
+SEEDS = (1234, 4321)
+
+
+def check_seeded_sampling(url, greedy, prompt: int = 0, temperature: float = 0.8,
+                          **kw) -> None:
+    """Seeded sampling is reproducible and really samples: one seed gives the same token
+    ids twice, another seed other ids, and neither is the greedy output (``greedy``: the
+    greedy outputs of ``CONVERSATIONS``, e.g. vanilla's at batch 1). ``prompt``:
+    CONVERSATIONS[0] edits code, so drafts are accepted while sampling. ``kw``: more
+    request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
+    def sample(seed):
+        return complete(url, CONVERSATIONS[prompt], temperature=temperature, seed=seed, **kw)
+
+    first, again, other = sample(SEEDS[0]), sample(SEEDS[0]), sample(SEEDS[1])
+    assert first == again, f"seed {SEEDS[0]}: two runs gave different outputs"
+    assert first != other, f"seeds {SEEDS}: the same output (is the seed ignored?)"
+    assert greedy[prompt] not in (first, other), "a sampled output equals the greedy one"
 
 
 def banned_token(tokens):

@@ -1,11 +1,8 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 # Test servers trace the model with Dynamo but run it without Inductor and skip the
 # warm-up pass: vLLM's own switch for its CPU CI (`VLLM_CPU_CI_ENV`). Each vLLM server
@@ -27,8 +24,8 @@ def default_model() -> str:
 def vanilla(default_model):
     """A vanilla server's greedy outputs (batch 1, 8 concurrent) and one logit-biased
     output, shared by every end-to-end module."""
-    from client import CONVERSATIONS, banned_token, complete, run_all
-    from vllm_server import vllm_server
+    from integration.client import CONVERSATIONS, banned_token, complete, run_all
+    from integration.vllm_server import vllm_server
 
     with vllm_server(default_model) as url:
         batch1, batch8 = run_all(url)
@@ -41,8 +38,8 @@ def vanilla(default_model):
 def sglang_vanilla(default_model):
     """SGLang's own greedy outputs without speculation (batch 1, 8 concurrent), shared by
     the SGLang end-to-end modules."""
-    from client import SGLANG_IDS, run_all
-    from sglang_server import SMALL_POOL, sglang_available, sglang_server
+    from integration.client import SGLANG_IDS, run_all
+    from integration.sglang_server import SMALL_POOL, sglang_available, sglang_server
 
     if sglang_available() is not None:
         pytest.skip(sglang_available())
@@ -62,7 +59,7 @@ CI_TRAINING = ["--tiny", "--gen-backend", "vllm", "--corpus", "local", "--num-pr
 def dflash_drafter(default_model, tmp_path_factory):
     """A DFlash drafter for the default model trained here (its drafts are poor, which is
     fine: every path must keep outputs exact), shared by the vLLM and SGLang tests."""
-    from vllm_server import engine_env
+    from integration.vllm_server import engine_env
 
     out = tmp_path_factory.mktemp("dflash-drafter")
     p = subprocess.run([sys.executable, "-m", "spec_plugins.tools.train_drafter", "--model",

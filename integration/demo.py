@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from vllm_server import mean_acceptance_length, serve_command, spec_metrics, vllm_server  # noqa: E402
+from integration.vllm_server import mean_acceptance_length, serve_command, spec_metrics, vllm_server
 
 SPEC = {"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8}
 PROMPT = ("Rewrite this function with type hints and a docstring, and return the full code:\n\n"

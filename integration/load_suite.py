@@ -10,10 +10,10 @@ aborts them). Per configuration: requests, errors (and which), lost requests, gr
 outputs identical to vanilla's, p50/p99 latency, output tok/s, whether the server is
 healthy afterwards and its memory back at the level it had after warm-up.
 
-    python integration/load_suite.py                               # vanilla + suffix tree, 64 clients
-    python integration/load_suite.py --configs vanilla suffix-chain recycling-tree dflash-tree
-    python integration/load_suite.py --clients 12 --requests 36 --kv-bytes 112M   # small
-    python integration/load_suite.py --engine sglang --configs vanilla suffix-tree recycling-tree
+    python -m integration.load_suite                            # vanilla + suffix tree, 64 clients
+    python -m integration.load_suite --configs vanilla suffix-chain recycling-tree dflash-tree
+    python -m integration.load_suite --clients 12 --requests 36 --kv-bytes 112M   # small
+    python -m integration.load_suite --engine sglang --configs vanilla suffix-tree recycling-tree
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_vllm import CONFIGS, FLAGS, with_drafter  # noqa: E402
-from prompts import prompts  # noqa: E402
-from vllm_server import counter, healthy, process_group_rss, vllm_server  # noqa: E402
+from integration.bench_vllm import CONFIGS, FLAGS, with_drafter
+from integration.prompts import prompts
+from integration.vllm_server import counter, healthy, process_tree_rss, vllm_server
 
 MAX_MODEL_LEN = 2048
 # Deterministic kinds: their outputs must equal vanilla's.
@@ -114,8 +112,8 @@ def vllm_engine(name: str, model: str, clients: int, kv: str, drafter: str, log:
 def sglang_engine(name: str, model: str, clients: int, kv: str, drafter: str, log: str | None):
     """An SGLang server for configuration ``name`` (bench_sglang's) with ``kv`` tokens of
     KV pool."""
-    from bench_sglang import CONFIGS as SGLANG_CONFIGS
-    from sglang_server import sglang_server
+    from integration.bench_sglang import CONFIGS as SGLANG_CONFIGS
+    from integration.sglang_server import sglang_server
 
     args, options = SGLANG_CONFIGS[name]
     args = [a for a in args]
@@ -155,7 +153,7 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
                                max_retries=0, http_client=openai.DefaultHttpxClient(
                                    limits=httpx.Limits(keepalive_expiry=1.0)))
         send(client, {"kind": "greedy", "messages": mix[0]["messages"], "max_tokens": 8})
-        rss0 = process_group_rss(url.pid)
+        rss0 = process_tree_rss(url.pid)
         pre0 = counter(url, preemption_counter)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
@@ -163,7 +161,7 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
         wall = time.perf_counter() - t0
         time.sleep(5)   # let aborted requests drain
         alive = healthy(url)
-        rss1 = process_group_rss(url.pid)
+        rss1 = process_tree_rss(url.pid)
         rss2 = None
         if alive and rounds > 1:
             # The same load again: bounded caches (prefix cache, a method's cross-request
@@ -172,7 +170,7 @@ def run_config(name: str, model: str, mix: list[dict], clients: int, kv_bytes: s
                 again = list(pool.map(lambda r: send(client, r), mix))
             time.sleep(5)
             alive = healthy(url)
-            rss2 = process_group_rss(url.pid)
+            rss2 = process_tree_rss(url.pid)
             results_again = [x for x in again if not x["ok"]]
             results += results_again
         preempted = counter(url, preemption_counter) - pre0 if alive else None

@@ -86,5 +86,5 @@ def all_user_prompts() -> list[str]:
 if __name__ == "__main__":
     import sys
     if sys.argv[1:2] != ["--dump"] or len(sys.argv) != 3:
-        raise SystemExit("usage: python integration/prompts.py --dump FILE.json")
+        raise SystemExit("usage: python -m integration.prompts --dump FILE.json")
     Path(sys.argv[2]).write_text(json.dumps(all_user_prompts(), indent=0))

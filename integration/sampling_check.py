@@ -2,7 +2,8 @@
 print the tokens as JSON: the distribution test (``test_vllm_sampling.py``) compares
 engines with and without a spec_plugins method whose drafts are sampled.
 
-    python integration/sampling_check.py MODEL_DIR --n 3000 [--method test_sampled --options '{...}']
+    python -m integration.sampling_check MODEL_DIR --n 3000 \
+        [--method test_sampled --options '{...}']
 
 ``make_model(dir)`` builds the model: a 2-layer Llama with a 64-token vocabulary whose LM
 head favours the first 8 ids (so a few thousand samples cover the distribution of the

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_server import ServerURL, healthy  # plain helpers: imports no engine
+from integration.vllm_server import ServerURL, healthy  # plain helpers: imports no engine
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = REPO / ".venv-sglang" / "bin" / "python"

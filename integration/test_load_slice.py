@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-import load_suite
+from integration import load_suite
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("openai")

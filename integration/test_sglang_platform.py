@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from client import CONVERSATIONS, SGLANG_IDS, assert_outputs_equal, run_all, sglang_complete
-from sglang_server import SMALL_POOL, sglang_available, sglang_server
+from integration.client import (CONVERSATIONS, SGLANG_IDS, assert_outputs_equal, run_all,
+                                sglang_complete)
+from integration.sglang_server import SMALL_POOL, sglang_available, sglang_server
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(sglang_available() is not None,

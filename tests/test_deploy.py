@@ -8,18 +8,17 @@
 - The server flags the manifests pass are exactly the ones the end-to-end tests pass, with
   the same JSON payloads: the reference command is built by the e2e helpers
   (``integration/vllm_server.py``, ``integration/sglang_server.py``) from the
-  configurations the e2e tests serve, so a drift on either side fails here.
+  configurations the e2e tests serve (``SUFFIX_CHAIN_SERVER``, ``CONFIGS["suffix-chain"]``),
+  so a drift on either side fails here.
 - The Grafana panels query the engines' speculative-decoding metrics.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import kubernetes_validate  # the `test` extra; it bundles the schemas
@@ -28,9 +27,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-INTEGRATION = REPO / "integration"
-if str(INTEGRATION) not in sys.path:
-    sys.path.insert(0, str(INTEGRATION))
 
 # A release kubernetes-validate bundles schemas for; the manifests use only long-stable
 # APIs (v1, apps/v1), so this mostly pins which schema files are read.
@@ -154,29 +150,20 @@ def compare_flags(engine: str, e2e_argv: list[str], deployed_argv: list[str]) ->
 # --- the e2e side -------------------------------------------------------------------
 
 def vllm_e2e_command() -> list[str]:
-    """``serve_command`` for the server ``integration/test_vllm_e2e.py`` starts
-    (its ``suffix_server`` fixture), read from that fixture's source."""
-    import test_vllm_e2e
-    from vllm_server import serve_command
+    """``serve_command`` for the server ``integration/test_vllm_e2e.py`` starts."""
+    from integration.test_vllm_e2e import SUFFIX_CHAIN_SERVER
+    from integration.vllm_server import serve_command
 
-    tree = ast.parse(Path(test_vllm_e2e.__file__).read_text())
-    (fixture,) = [n for n in tree.body
-                  if isinstance(n, ast.FunctionDef) and n.name == "suffix_server"]
-    (call,) = [n for n in ast.walk(fixture) if isinstance(n, ast.Call)
-               and isinstance(n.func, ast.Name) and n.func.id == "vllm_server"]
-    _model, spec, additional = call.args
-    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-    return serve_command("MODEL", 0, getattr(test_vllm_e2e, spec.id),
-                         getattr(test_vllm_e2e, additional.id), **kwargs)
+    return serve_command("MODEL", 0, **SUFFIX_CHAIN_SERVER)
 
 
 def sglang_e2e_command() -> tuple[list[str], dict[str, str]]:
     """``serve_command`` and the environment for ``integration/test_sglang_methods.py``'s
     ``suffix-chain`` configuration (what it passes to ``sglang_server``)."""
-    import test_sglang_methods
-    from sglang_server import serve_command
+    from integration.sglang_server import serve_command
+    from integration.test_sglang_methods import CONFIGS
 
-    extra, options = test_sglang_methods.CONFIGS["suffix-chain"]
+    extra, options = CONFIGS["suffix-chain"]
     return serve_command("MODEL", 0, extra), {"SPEC_PLUGINS_OPTIONS": json.dumps(options)}
 
 
