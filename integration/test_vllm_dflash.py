@@ -9,10 +9,13 @@ path (accepted drafts, rejected ones, trees) must keep the outputs exact.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from client import (CONVERSATIONS, assert_outputs_equal, check_aborts_leave_others_intact,
                     complete, run_all, run_preempting)
+from prompts import prompts
 from vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit, spec_metrics,
                          vllm_server)
 
@@ -60,6 +63,22 @@ def test_seeded_sampling_is_reproducible(dflash_server):
     _, url, _ = dflash_server
     runs = [complete(url, CONVERSATIONS[6], temperature=0.8, seed=3) for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_seeded_request_returns_the_same_tokens_after_other_traffic(dflash_server):
+    """A seeded sampled request sent again after concurrent traffic (other prompts;
+    greedy, sampled and seeded) returns the same token ids, although the drafter's
+    caches, the calibrators and vLLM's prefix cache have changed meanwhile."""
+    _, url, _ = dflash_server
+    seeded = prompts("chat", 1, start=4)[0]
+    kinds = ({"temperature": 0}, {"temperature": 0.9}, {"temperature": 0.7, "seed": 11})
+    traffic = [(m, kinds[i % 3]) for i, m in enumerate(CONVERSATIONS)]
+    first = complete(url, seeded, temperature=0.8, seed=3)
+    with ThreadPoolExecutor(len(traffic)) as pool:
+        list(pool.map(lambda a: complete(url, a[0], **a[1]), traffic))
+    again = complete(url, seeded, temperature=0.8, seed=3)
+    assert again == first
+    assert first != complete(url, seeded, temperature=0)
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter):
