@@ -9,12 +9,16 @@ path (accepted drafts, rejected ones, trees) must keep the outputs exact.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
-                                check_seeded_sampling, run_all, run_preempting)
-from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit, spec_metrics,
-                                     trees_verified, vllm_server)
+from integration.client import (CONVERSATIONS, assert_outputs_equal,
+                                check_aborts_leave_others_intact, check_seeded_sampling,
+                                complete, run_all, run_preempting)
+from integration.prompts import prompts
+from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit,
+                                     spec_metrics, trees_verified, vllm_server)
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
@@ -59,6 +63,22 @@ def test_aborts_leave_the_others_and_the_cache_intact(vanilla, dflash_server):
 def test_seeded_sampling_is_reproducible(dflash_server, vanilla):
     _, url, _ = dflash_server
     check_seeded_sampling(url, vanilla[0])
+
+
+def test_seeded_request_returns_the_same_tokens_after_other_traffic(dflash_server):
+    """A seeded sampled request sent again after concurrent traffic (other prompts;
+    greedy, sampled and seeded) returns the same token ids, although the drafter's
+    caches, the calibrators and vLLM's prefix cache have changed meanwhile."""
+    _, url, _ = dflash_server
+    seeded = prompts("chat", 1, start=4)[0]
+    kinds = ({"temperature": 0}, {"temperature": 0.9}, {"temperature": 0.7, "seed": 11})
+    traffic = [(m, kinds[i % 3]) for i, m in enumerate(CONVERSATIONS)]
+    first = complete(url, seeded, temperature=0.8, seed=3)
+    with ThreadPoolExecutor(len(traffic)) as pool:
+        list(pool.map(lambda a: complete(url, a[0], **a[1]), traffic))
+    again = complete(url, seeded, temperature=0.8, seed=3)
+    assert again == first
+    assert first != complete(url, seeded, temperature=0)
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter):

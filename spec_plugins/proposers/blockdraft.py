@@ -24,7 +24,10 @@ lattice into drafts, whatever produced it:
 - the draft pass itself is priced by measurement: ``payoff.PayoffGate`` compares whole
   cycles with and without drafts and skips the pass while it does not pay (the verify-cost
   model prices only the verified tokens, not the drafter's forward). The drafter's
-  per-request state still takes every committed token meanwhile.
+  per-request state still takes every committed token meanwhile;
+- isolated requests (seeded sampling) draft from their own tokens and seed alone: past
+  the gate, uncalibrated, uncut, each in a drafter pass of its own at its own block
+  length, so a seeded request's draws do not depend on what else the server serves.
 
 Subclasses produce the lattice: :meth:`BlockProposer._lattice` returns logits over the
 drafter's vocabulary, with :meth:`_to_target_ids` / :meth:`_to_target_logits` mapping a
@@ -190,14 +193,23 @@ class BlockProposer(Proposer):
         fixed = [r.isolated for r in requests]
         live = [i for i, n in enumerate(lens)
                 if n > 0 and self._can_draft(sts[i]) and not self._suffix_suffices(side[i])]
-        if o.budget and not self.gate.begin(requests, ctx.batch_tokens):
-            live = []
-        if live:
-            logits = self._lattice([requests[i] for i in live], [sts[i] for i in live],
-                                   max(lens[i] for i in live))
-        for row, i in enumerate(live):
-            req, st, n = requests[i], sts[i], lens[i]
-            lg = logits[row, :n].float()                          # [n, Vd]
+        allow = not o.budget or self.gate.begin(requests, ctx.batch_tokens)
+        # Isolated requests are drafted whatever the (timed, batch-wide) payoff gate says.
+        shared = [i for i in live if allow and not requests[i].isolated]
+        lattices = {}
+        if shared:
+            logits = self._lattice([requests[i] for i in shared], [sts[i] for i in shared],
+                                   max(lens[i] for i in shared))
+            lattices = {i: logits[row, :lens[i]] for row, i in enumerate(shared)}
+        # Each isolated request in a pass of its own, of its own length: the block's
+        # slots attend to each other (a longer block changes every row), and a batched
+        # pass's numerics depend on its other rows.
+        for i in live:
+            if requests[i].isolated:
+                lattices[i] = self._lattice([requests[i]], [sts[i]], lens[i])[0]
+        for i, lg in lattices.items():
+            req, n = requests[i], lens[i]
+            lg = lg.float()                                       # [n, Vd]
             if req.temperature > 0 and o.sample:
                 trees[i] = self._sampled(req, lg, n)
                 fixed[i] = True   # a drawn shape is kept whole (its nodes are not ranked)
@@ -212,7 +224,7 @@ class BlockProposer(Proposer):
             st.buckets = None if raw is None else [
                 _bucket(d, raw[(d - 1, t)]) if (d - 1, t) in raw else None
                 for d, t in zip(tree.depths(), tree.tokens)]
-        self.gate.end(bool(live))
+        self.gate.end(bool(lattices))
         return trees
 
     @staticmethod

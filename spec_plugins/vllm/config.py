@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,18 @@ def is_ours(spec_config) -> bool:
     return getattr(spec_config, "method", None) == "custom_class" and model.startswith(PREFIX)
 
 
+def method_of(spec_config) -> str:
+    """The spec_plugins method a speculative config selects (``is_ours`` holds)."""
+    return spec_config.model[len(PREFIX):]
+
+
+@functools.cache
+def reads_hidden_states(method: str) -> bool:
+    """The method drafts from the target's hidden states, which a prompt served from the
+    engine's prefix cache lacks."""
+    return "hidden_states" in proposer_class(method).needs
+
+
 def settings_from(vllm_config) -> PluginSettings | None:
     """None when speculation is off or uses another method; raises OptionError (naming
     the field and the allowed values) on a bad spec_plugins configuration."""
@@ -37,7 +50,7 @@ def settings_from(vllm_config) -> PluginSettings | None:
                 f"does not select a spec_plugins method; set speculative_config.model to one of: "
                 + ", ".join(PREFIX + m for m in sorted(methods())))
         return None
-    method = spec.model[len(PREFIX):]
+    method = method_of(spec)
     if method not in methods():
         raise OptionError(
             f"speculative_config.model={spec.model!r} is not a spec_plugins method; "

@@ -20,7 +20,10 @@ Front end (API server; validation before any engine starts):
    whenever speculation is on, because its rejection sampler does not apply them to draft
    positions. With a spec_plugins method such requests are served, never drafted for.
    The per-request control (``vllm_xargs``: ``spec_plugins.request_controls``) is
-   validated here, where a bad request becomes an HTTP 400.
+   validated here, where a bad request becomes an HTTP 400. A seeded sampled request to
+   a method that drafts from the target's hidden states does not read the prefix cache
+   (as vLLM does for prompt logprobs): a cached prompt has no hidden states, and its
+   drafts (so its random draws) would depend on what the cache held.
 
 Engine (model runner):
 
@@ -273,6 +276,11 @@ def set_draft_probs(runner, probs, req_ids) -> None:
     runner._draft_prob_req_ids = list(req_ids)
 
 
+def skip_prefix_cache(params) -> None:
+    """The request's prompt is computed, not read from the prefix cache."""
+    params.skip_reading_prefix_cache = True
+
+
 def install_capture(model, capture) -> None:
     """Make ``model`` (before its first forward, so before it is compiled) hand its
     states at the capture's layers to ``capture`` (``capture.HiddenCapture``)."""
@@ -302,10 +310,13 @@ def _post_init(seam, orig):
 def _validate_spec_decode(seam, orig):
     from spec_plugins.options import OptionError
     from spec_plugins.request_controls import MAX_DRAFT_KEY, max_draft_tokens
-    from spec_plugins.vllm.config import is_ours
+    from spec_plugins.vllm.config import is_ours, method_of, reads_hidden_states
 
     def _validate_spec_decode(self, speculative_config):
         if speculative_config is not None and is_ours(speculative_config):
+            if (self.seed is not None and self.temperature > 0
+                    and reads_hidden_states(method_of(speculative_config))):
+                skip_prefix_cache(self)
             # min_p / logit_bias: served without drafts (drafter.py). A bad per-request
             # control is the client's error: HTTP 400 naming it.
             from vllm.exceptions import VLLMValidationError

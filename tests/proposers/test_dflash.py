@@ -301,3 +301,74 @@ def test_prompt_served_from_the_engines_prefix_cache_gets_the_cached_context(che
     (lacking,) = cold.propose([b], StepContext(hidden_states=[rest]))
     assert len(cold._requests["b"].context) == 3
     assert len(p._requests["b"].context) == 9
+
+
+def seeded_run(p, steps=6, companions=None, clock=None, temperature=0.8):
+    """Drive seeded request ``s`` for ``steps`` steps beside ``companions`` (req_id ->
+    (tokens, max_draft, temperature, accepted)), each step committing one token per
+    request (tokens never repeat: no suffix drafts): ``s``'s drafts and their
+    distributions. ``clock``: steps with drafts take twice as long."""
+    companions = companions or {}
+    seq = np.random.default_rng(1).permutation(V - 1)       # no token twice
+    n = 9
+    hs = {"s": states(range(n - 1))}
+    for r, (m, *_) in companions.items():
+        hs[r] = states(range(m - 1), seed=len(r))
+    out = []
+    for step in range(steps):
+        reqs = [DraftRequest("s", seq[:n + step], 4, seq[n + step - 1:n + step], 8,
+                             num_accepted=0 if step else None, isolated=True,
+                             temperature=temperature, seed=7)]
+        for r, (m, md, temp, acc) in companions.items():
+            toks = np.roll(seq, 7 * len(r))[:m + step]
+            reqs.append(DraftRequest(r, toks, 3, toks[-1:], md,
+                                     num_accepted=acc if step else None, temperature=temp))
+        trees = p.propose(reqs, StepContext(hidden_states=[hs[r.req_id] for r in reqs],
+                                            batch_tokens=len(reqs)))
+        t = trees[0]
+        out.append((list(t.tokens), None if t.draft_dists is None else t.draft_dists.copy()))
+        for r in reqs:
+            pos = len(r.token_ids) - 1
+            hs[r.req_id] = states([pos], seed=1000 * len(r.req_id) + pos)
+        if clock is not None:
+            clock.t += 2.0 if any(len(x) for x in trees) else 1.0
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.8, 0.0])
+def test_seeded_request_drafts_the_same_whatever_else_the_proposer_serves(
+        checkpoint, monkeypatch, temperature):
+    """A seeded (isolated) request's drafts and their distributions are a function of its
+    own tokens and seed: the same on a fresh proposer, beside other requests with longer
+    blocks, and after traffic that closed the payoff gate and fed the calibrators."""
+    from spec_plugins import clock as wall_clock
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    monkeypatch.setattr(wall_clock, "now", clock)
+    alone = seeded_run(proposer(checkpoint, topk=2), temperature=temperature)
+    assert all(len(tokens) for tokens, _ in alone)
+    # Beside requests whose blocks are longer (all accepted) or shorter (max_draft 2).
+    beside = seeded_run(proposer(checkpoint, topk=2), temperature=temperature,
+                        companions={"xx": (30, 8, 0.0, 8), "yyy": (9, 2, 0.7, 2)})
+    # After traffic whose drafts were never accepted and whose cycles with drafts took
+    # twice as long: the payoff gate is closed and the calibrators have learnt.
+    busy = proposer(checkpoint, topk=2)
+    seeded_run(busy, steps=40, clock=clock, temperature=0.5,
+               companions={"g": (12, 8, 0.0, 0), "h": (20, 3, 0.9, 0)})
+    for name in list(busy._requests):
+        busy.finish(name)
+    assert not busy.gate.begin([request(r) for r in "abc"], 3)   # drafting does not pay
+    after = seeded_run(busy, clock=clock, temperature=temperature,
+                       companions={"xx": (30, 8, 0.0, 8)})
+    for run in (beside, after):
+        for (ta, da), (tb, db) in zip(alone, run):
+            assert ta == tb
+            assert (da is None) == (db is None)
+            if da is not None:
+                assert np.array_equal(da, db)

@@ -96,6 +96,27 @@ def test_min_p_is_accepted_only_with_our_methods(tiny_model):
         sp._validate_spec_decode(ngram)
 
 
+def test_seeded_requests_skip_the_prefix_cache_where_drafts_read_hidden_states(tiny_model):
+    """A cached prompt has no hidden states for the dflash drafter: a seeded sampled
+    request must not be served from the prefix cache, or its drafts (and so its random
+    draws) would depend on what the cache held. Other requests and methods keep it."""
+    from vllm.sampling_params import SamplingParams
+
+    dflash = engine_config(tiny_model, {"model": "spec_plugins.vllm.dflash",
+                                        "num_speculative_tokens": 4}).speculative_config
+    suffix = engine_config(tiny_model, SUFFIX).speculative_config
+
+    def skips(spec, **kw):
+        sp = SamplingParams(**kw)
+        sp._validate_spec_decode(spec)
+        return sp.skip_reading_prefix_cache
+
+    assert skips(dflash, temperature=0.8, seed=3)
+    assert not skips(dflash, temperature=0.8)
+    assert not skips(dflash, temperature=0.0, seed=3)
+    assert not skips(suffix, temperature=0.8, seed=3)
+
+
 def targets(hooks_):
     return {h.target: h.resolve()[1] for h in hooks_}
 
