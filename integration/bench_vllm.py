@@ -121,13 +121,19 @@ class Served(NamedTuple):
     log: str
 
 
+# A configuration served by the spec_plugins of another checkout (``--baseline``).
+BASELINE_TAG = "@baseline"
+
+
 @contextlib.contextmanager
-def serving(name, model, log_dir, drafter):
+def serving(name, model, log_dir, drafter, baseline=None):
     import openai
 
-    spec, extra = (with_drafter(c, drafter) for c in CONFIGS[name])
+    config = name.removesuffix(BASELINE_TAG)
+    spec, extra = (with_drafter(c, drafter) for c in CONFIGS[config])
     log = str(Path(log_dir or tempfile.mkdtemp(prefix="bench-")) / f"{name}.log")
-    with vllm_server(model, spec, extra, extra=FLAGS.get(name, []), log_path=log) as url:
+    with vllm_server(model, spec, extra, extra=FLAGS.get(config, []), log_path=log,
+                     extra_path=baseline if name.endswith(BASELINE_TAG) else None) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200)
         # Warm-up on a prompt outside the measured ones.
         one(client, [{"role": "user", "content": "Hello!"}], 16)
@@ -191,7 +197,7 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter
 
 
 def run_interleaved(names, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
-                    draft_off=False):
+                    draft_off=False, baseline=None):
     """Every configuration's server up at once; each batch of prompts goes to one server
     after another (only one busy at a time), starting one configuration later per batch:
     the machine's drift falls on all of them alike, batch by batch, where one server
@@ -199,7 +205,8 @@ def run_interleaved(names, model, cats, n, max_tokens, concurrencies, log_dir, d
     results = {name: {} for name in names}
     choices = {}
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(serving(c, model, log_dir, drafter)) for c in names]
+        servers = [stack.enter_context(serving(c, model, log_dir, drafter, baseline))
+                   for c in names]
         turn = 0
         for cat in cats:
             for j, conc in enumerate(concurrencies):
@@ -266,6 +273,10 @@ def main():
                     "needs memory for all servers)")
     ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
                     "(default: the one spec-plugins-train-drafter built for the model)")
+    ap.add_argument("--baseline", default=None, metavar="CHECKOUT", help="with --interleave: "
+                    "also serve every spec_plugins configuration from the spec_plugins of this "
+                    "checkout (e.g. a git worktree of an earlier commit), named CONFIG"
+                    + BASELINE_TAG + ": a change and its baseline side by side")
     a = ap.parse_args()
     if a.model is None:
         from spec_plugins.tools.default_model import build
@@ -281,7 +292,13 @@ def main():
         Path(a.log_dir).mkdir(parents=True, exist_ok=True)
     if a.interleave and a.rounds != 1:
         ap.error("--interleave runs one round (use more prompts: --n)")
-    run = run_interleaved if a.interleave else functools.partial(run_rounds, rounds=a.rounds)
+    if a.baseline:
+        if not a.interleave:
+            ap.error("--baseline needs --interleave")
+        a.configs += [c + BASELINE_TAG for c in a.configs if CONFIGS[c][0] is not None
+                      and CONFIGS[c][0].get("model", "").startswith("spec_plugins.")]
+    run = (functools.partial(run_interleaved, baseline=a.baseline) if a.interleave
+           else functools.partial(run_rounds, rounds=a.rounds))
     res, choices = run(a.configs, a.model, a.categories, a.n, a.max_tokens, a.concurrency,
                        a.log_dir, a.drafter, a.draft_off)
 
