@@ -1,16 +1,24 @@
 """Benchmark: stock `vllm serve` without speculation, with vLLM's own `ngram`, and with
 each spec_plugins method, on the same prompts, greedy, at batch 1 and 8 concurrent.
 
-Each concurrency level gets its own prompts (so cross-request caches are not measured
-on repeats). Configurations run one after another in one invocation (the machine is
-noisy: compare ratios from the same run). Per configuration, category and concurrency it reports
-output tok/s, speedup over vanilla, mean acceptance length (1 + accepted / drafts, from
-vLLM's `vllm:spec_decode_*` counters) and the share of outputs identical to vanilla's.
+At concurrency c, c requests are in flight (c clients, each sending its next prompt when
+one returns). Each concurrency level gets its own prompts (so cross-request caches are
+not measured on repeats). Configurations run one after another in one invocation (the
+machine is noisy: compare ratios from the same run). Per configuration, category and
+concurrency it reports output tok/s, speedup over vanilla, mean acceptance length (1 +
+accepted / drafts, from vLLM's `vllm:spec_decode_*` counters), preemptions and the share
+of outputs identical to vanilla's.
 
     python -m integration.bench_vllm                      # all configs, default model
     python -m integration.bench_vllm --configs suffix-chain suffix-tree --n 4 --max-tokens 128
     python -m integration.bench_vllm --configs ngram swift del del-probe-all --n 6 --max-tokens 128
     python -m integration.bench_vllm --interleave --draft-off --configs vanilla-sync suffix-tree
+    python -m integration.bench_vllm --sweep --json sweep.json --plot sweep.png
+
+``--sweep``: the curve operators need: concurrency 1, 4, 8, 16, 32, 64 over vanilla,
+vanilla-sync, vLLM's ngram and every spec_plugins method (``SWEEP_CONFIGS``), on the mixed
+prompts (HumanEval, code editing, chat in turn), ``max(n, 2c)`` requests at concurrency c;
+any of those flags given explicitly overrides the preset.
 
 ``--interleave`` keeps every configuration's server up and sends each batch of prompts to
 one after another: the fairest comparison of close figures on a noisy machine.
@@ -28,15 +36,14 @@ import json
 import re
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from integration.bench_report import print_tables, rows_of, totals_of, write_json, write_svg
-from integration.prompts import CATEGORIES, prompts
-from integration.vllm_server import (accepted_per_position, mean_acceptance_length, spec_metrics,
-                                     vllm_server)
+from integration.bench_report import (add_run_args, print_tables, resolve_run_args, rows_of,
+                                      run_info, send_all, totals_of, write_json, write_plot)
+from integration.prompts import prompts
+from integration.vllm_server import (accepted_per_position, counter, mean_acceptance_length,
+                                     spec_metrics, vllm_server)
 
 CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
     "vanilla": (None, None),
@@ -87,6 +94,11 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
 # that does not draft to it is the method's own cost, to vanilla the total.
 FLAGS: dict[str, list[str]] = {"vanilla-sync": ["--no-async-scheduling"]}
 CONFIGS["vanilla-sync"] = (None, None)
+# --sweep: the engine alone (with and without async scheduling), its own n-gram drafter and
+# every spec_plugins method at its defaults (dflash: suffix drafts joined to the DDTree).
+SWEEP_CONFIGS = ["vanilla", "vanilla-sync", "ngram", "suffix-chain", "suffix-tree",
+                 "recycling-chain", "recycling-tree", "swift", "del", "dflash-suffix"]
+PREEMPTIONS = "vllm:num_preemptions_total"
 # The choices a method logs: which layers it drafts with, what it measured.
 CHOICE_LOGS = re.compile(r"spec_plugins: (swift chose skip layers .*|del exit layers chosen .*)")
 
@@ -140,31 +152,31 @@ def serving(name, model, log_dir, drafter, baseline=None):
         yield Served(name, url, client, spec, log)
 
 
-def measure(s: Served, convs, max_tokens, draft_off=False) -> dict:
-    """``convs`` sent at once (as many clients as conversations): tokens, seconds,
-    outputs and the change of the server's ``vllm:spec_decode_*`` counters."""
-    m0 = spec_metrics(s.url)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(convs)) as pool:
-        outs = list(pool.map(
-            lambda c: one(s.client, c, max_tokens, draft_off and s.spec is not None), convs))
-    dt = time.perf_counter() - t0
+def measure(s: Served, convs, max_tokens, concurrency, draft_off=False) -> dict:
+    """``convs`` sent ``concurrency`` at a time: tokens, seconds, outputs, preemptions and
+    the change of the server's ``vllm:spec_decode_*`` counters."""
+    m0, pre0 = spec_metrics(s.url), counter(s.url, PREEMPTIONS)
+    outs, dt = send_all(lambda c: one(s.client, c, max_tokens, draft_off and s.spec is not None),
+                        convs, concurrency)
     m1 = spec_metrics(s.url)
     return {"tokens": sum(map(len, outs)), "seconds": dt, "outputs": outs,
+            "preemptions": counter(s.url, PREEMPTIONS) - pre0,
             "counters": {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}}
 
 
 def add(total: dict | None, part: dict, with_mal: bool) -> dict:
     """Two measurements of one configuration, category and concurrency as one."""
     if total is None:
-        total = {"tokens": 0, "seconds": 0.0, "outputs": [], "counters": {}}
+        total = {"tokens": 0, "seconds": 0.0, "outputs": [], "preemptions": 0, "counters": {}}
     out = {"tokens": total["tokens"] + part["tokens"],
            "seconds": total["seconds"] + part["seconds"],
            "outputs": total["outputs"] + part["outputs"],
+           "preemptions": total["preemptions"] + part["preemptions"],
            "counters": {k: total["counters"].get(k, 0) + part["counters"].get(k, 0)
                         for k in set(total["counters"]) | set(part["counters"])}}
     out["tok_s"] = out["tokens"] / out["seconds"]
     out["mal"] = mean_acceptance_length(out["counters"]) if with_mal else None
+    out["steps"] = out["counters"].get("num_drafts", 0)
     return out
 
 
@@ -179,16 +191,14 @@ def finish(s: Served, results: dict) -> list[str]:
         return CHOICE_LOGS.findall(f.read())
 
 
-def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
-               draft_off=False):
+def run_config(name, model, cats, plan, max_tokens, log_dir, drafter, draft_off=False):
+    """``plan``: bench_report.phases (each concurrency's own prompts)."""
     results = {}
     with serving(name, model, log_dir, drafter) as s:
         for cat in cats:
-            for j, conc in enumerate(concurrencies):
-                # Each concurrency gets its own prompts: a method with a cross-request
-                # cache must not be measured on outputs it has just served.
-                convs = prompts(cat, n, start=j * n)
-                results[(cat, conc)] = add(None, measure(s, convs, max_tokens, draft_off),
+            for conc, start, requests in plan:
+                convs = prompts(cat, requests, start)
+                results[(cat, conc)] = add(None, measure(s, convs, max_tokens, conc, draft_off),
                                            bool(s.spec))
                 print(f"  {name:15s} {cat:10s} c={conc}: {results[(cat, conc)]['tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
@@ -196,8 +206,8 @@ def run_config(name, model, cats, n, max_tokens, concurrencies, log_dir, drafter
     return results, choices
 
 
-def run_interleaved(names, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
-                    draft_off=False, baseline=None):
+def run_interleaved(names, model, cats, plan, max_tokens, log_dir, drafter, draft_off=False,
+                    baseline=None):
     """Every configuration's server up at once; each batch of prompts goes to one server
     after another (only one busy at a time), starting one configuration later per batch:
     the machine's drift falls on all of them alike, batch by batch, where one server
@@ -209,13 +219,13 @@ def run_interleaved(names, model, cats, n, max_tokens, concurrencies, log_dir, d
                    for c in names]
         turn = 0
         for cat in cats:
-            for j, conc in enumerate(concurrencies):
-                convs = prompts(cat, n, start=j * n)
-                for i in range(0, n, conc):
+            for conc, start, requests in plan:
+                convs = prompts(cat, requests, start)
+                for i in range(0, requests, conc):
                     k = turn % len(servers)
                     turn += 1
                     for s in servers[k:] + servers[:k]:
-                        part = measure(s, convs[i:i + conc], max_tokens, draft_off)
+                        part = measure(s, convs[i:i + conc], max_tokens, conc, draft_off)
                         results[s.name][(cat, conc)] = add(results[s.name].get((cat, conc)),
                                                            part, bool(s.spec))
                 line = "  ".join(f"{s.name} {results[s.name][(cat, conc)]['tok_s']:.1f}"
@@ -226,8 +236,8 @@ def run_interleaved(names, model, cats, n, max_tokens, concurrencies, log_dir, d
     return results, choices
 
 
-def run_rounds(names, model, cats, n, max_tokens, concurrencies, log_dir, drafter,
-               draft_off=False, rounds=1):
+def run_rounds(names, model, cats, plan, max_tokens, log_dir, drafter, draft_off=False,
+               rounds=1):
     """One server after another, ``rounds`` times, each round starting one configuration
     later (drift of the machine over a run falls on every configuration alike); the
     rounds pooled."""
@@ -236,14 +246,14 @@ def run_rounds(names, model, cats, n, max_tokens, concurrencies, log_dir, drafte
         k = rnd % len(names)
         this = {}
         for c in names[k:] + names[:k]:
-            this[c], ch = run_config(c, model, cats, n, max_tokens, concurrencies, log_dir,
-                                     drafter, draft_off)
+            this[c], ch = run_config(c, model, cats, plan, max_tokens, log_dir, drafter,
+                                     draft_off)
             choices[c] += ch
             res[c] = ({key: (add(res[c][key], r, bool(CONFIGS[c][0])) if isinstance(key, tuple)
                           else res[c][key]) for key, r in this[c].items()}
                       if c in res else this[c])
         if rounds > 1:
-            for t in totals_of(this, names, cats, concurrencies):
+            for t in totals_of(this, names, cats, [p.concurrency for p in plan]):
                 print(f"  round {rnd + 1}: {t['config']:15s} c={t['concurrency']}: "
                       f"{t['speedup']:.3f}x", file=sys.stderr, flush=True)
     return res, choices
@@ -251,19 +261,7 @@ def run_rounds(names, model, cats, n, max_tokens, concurrencies, log_dir, drafte
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
-    ap.add_argument("--n", type=int, default=8, help="prompts per category")
-    ap.add_argument("--max-tokens", type=int, default=192)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--json", default=None, help="write all figures here")
-    ap.add_argument("--svg", default=None, help="write a plot (tok/s, mean acceptance "
-                    "length per method and category) here")
-    ap.add_argument("--log-dir", default=None, help="keep each server's log here")
-    ap.add_argument("--draft-off", action="store_true", help="every request asks for no "
-                    "drafts (spec_plugins_max_draft_tokens 0): what each method costs when it "
-                    "does not draft")
+    add_run_args(ap, list(CONFIGS))
     ap.add_argument("--rounds", type=int, default=1, help="run every configuration this "
                     "many times, each round in a rotated order, and pool them (small "
                     "differences on a noisy machine)")
@@ -278,18 +276,16 @@ def main():
                     "checkout (e.g. a git worktree of an earlier commit), named CONFIG"
                     + BASELINE_TAG + ": a change and its baseline side by side")
     a = ap.parse_args()
-    if a.model is None:
-        from spec_plugins.tools.default_model import build
-
-        a.model = str(build())
+    explicit_configs = a.configs is not None
+    resolve_run_args(ap, a, list(CONFIGS), SWEEP_CONFIGS)
     if a.drafter is None:
         from spec_plugins.paths import drafter_dir
 
         a.drafter = str(drafter_dir(a.model))
-    if "vanilla" not in a.configs:
-        a.configs.insert(0, "vanilla")
-    if a.log_dir:
-        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    if not explicit_configs and not Path(a.drafter).is_dir():
+        print(f"no DFlash drafter at {a.drafter} (spec-plugins-train-drafter builds it): "
+              "leaving out the configs that need one", file=sys.stderr)
+        a.configs = [c for c in a.configs if "{drafter}" not in json.dumps(CONFIGS[c])]
     if a.interleave and a.rounds != 1:
         ap.error("--interleave runs one round (use more prompts: --n)")
     if a.baseline:
@@ -299,11 +295,12 @@ def main():
                       and CONFIGS[c][0].get("model", "").startswith("spec_plugins.")]
     run = (functools.partial(run_interleaved, baseline=a.baseline) if a.interleave
            else functools.partial(run_rounds, rounds=a.rounds))
-    res, choices = run(a.configs, a.model, a.categories, a.n, a.max_tokens, a.concurrency,
-                       a.log_dir, a.drafter, a.draft_off)
+    res, choices = run(a.configs, a.model, a.categories, a.plan, a.max_tokens, a.log_dir,
+                       a.drafter, a.draft_off)
 
-    print(f"\nmodel {a.model}, fp32, greedy, {a.n} prompts per category, "
-          f"max_tokens {a.max_tokens}\n")
+    print(f"\nmodel {a.model}, fp32, greedy, max_tokens {a.max_tokens}, requests per "
+          "category and concurrency: " + ", ".join(f"{p.requests} at {p.concurrency}"
+                                                     for p in a.plan) + "\n")
     rows = rows_of(res, a.configs)
     totals = totals_of(res, a.configs, a.categories, a.concurrency)
     print_tables(rows, totals, res, a.configs)
@@ -314,9 +311,10 @@ def main():
             if len(choices[c]) > 1:
                 print(f"{c}, last logged choice: {choices[c][-1]}")
     if a.json:
-        write_json(a.json, rows, totals, {"choices": choices})
-    if a.svg:
-        write_svg(a.svg, rows, f"vLLM, {Path(a.model).name}: tok/s per method")
+        write_json(a.json, rows, totals, {"choices": choices, "run": run_info(a, "vllm")})
+    if a.plot:
+        write_plot(a.plot, totals, f"vLLM 0.32 (CPU), {Path(a.model).name}, greedy, "
+                   f"{a.max_tokens}-token answers, {' + '.join(a.categories)} prompts")
 
 
 if __name__ == "__main__":

@@ -113,12 +113,11 @@ def sglang_engine(name: str, model: str, clients: int, kv: str, drafter: str, lo
     """An SGLang server for configuration ``name`` (bench_sglang's) with ``kv`` tokens of
     KV pool."""
     from integration.bench_sglang import CONFIGS as SGLANG_CONFIGS
+    from integration.bench_sglang import admitting
     from integration.sglang_server import sglang_server
 
     args, options = SGLANG_CONFIGS[name]
-    args = [a for a in args]
-    i = args.index("--max-running-requests")
-    args[i + 1] = str(clients)
+    args = admitting(args, clients)
     # SGLang admits a request only with room for its whole output by default; a low
     # conservativeness admits more, so that decoding runs out of KV and retracts some.
     args += ["--context-length", str(MAX_MODEL_LEN), "--max-total-tokens", kv,

