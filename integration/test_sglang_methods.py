@@ -1,8 +1,9 @@
 """spec_plugins methods through SGLang's own flags, on real ``sglang.launch_server``
 processes (SGLang's own environment, ``scripts/setup-sglang.sh``): greedy outputs of the
 model-free methods, chains and trees, equal SGLang's own output without speculation at
-batch 1 and 8 concurrent; seeded sampling is reproducible; bad configuration stops the
-launch naming the field; on an unsupported SGLang nothing is registered."""
+batch 1 and 8 concurrent; seeded sampling is reproducible, also after other traffic, for
+every method; bad configuration stops the launch naming the field; on an unsupported SGLang
+nothing is registered."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 from integration.client import (CONVERSATIONS, SGLANG_IDS, assert_outputs_equal,
-                                check_seeded_sampling, sglang_complete)
+                                check_seeded_after_traffic, check_seeded_sampling,
+                                sglang_complete)
 from integration.sglang_server import (SMALL_POOL, engine_env, sglang_available, sglang_python,
                                        sglang_server)
 
@@ -62,6 +64,7 @@ def test_greedy_equals_sglang_without_speculation(sglang_vanilla, default_model,
             assert details[0]["spec_accept_length"] > 1.2
         if name == "suffix-tree":
             check_seeded_sampling(url, sglang_vanilla[0], extra_body=SGLANG_IDS)
+        check_seeded_after_traffic(url, extra_body=SGLANG_IDS)
         if name == "suffix-chain":
             check_per_request_control(url, sglang_vanilla[0][0])
 
@@ -71,8 +74,8 @@ def test_dflash_reads_sglang_hidden_states(sglang_vanilla, default_model, dflash
     """The block drafter through SGLang: its context is the target's hidden states from
     SGLang's own forward passes; whole blocks are drafted every step (the CI drafter's
     drafts do not pay for themselves) and outputs stay SGLang's, token for token."""
-    options = {"drafter": dflash_drafter, "tree": tree, "budget": False, "adaptive": False,
-               "max_block": 4}
+    options = {"drafter": dflash_drafter, "tree": tree, "budget": False, "payoff_gate": False,
+               "adaptive": False, "max_block": 4}
     log = str(Path(dflash_drafter).parent / f"sglang-dflash-{tree}.log")
     with sglang_server(default_model, spec_flags("dflash", 9),
                        env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)}, log_path=log) as url:
@@ -80,6 +83,7 @@ def test_dflash_reads_sglang_hidden_states(sglang_vanilla, default_model, dflash
         with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
             batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0)[0],
                                    CONVERSATIONS))
+        check_seeded_after_traffic(url, extra_body=SGLANG_IDS)
     shape = "trees" if tree else "chains"
     assert_outputs_equal(sglang_vanilla[0], [b[0] for b in batch1], f"dflash {shape}, batch 1")
     assert_outputs_equal(sglang_vanilla[1], batch8, f"dflash {shape}, 8 concurrent")

@@ -9,14 +9,11 @@ path (accepted drafts, rejected ones, trees) must keep the outputs exact.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from integration.client import (CONVERSATIONS, assert_outputs_equal,
-                                check_aborts_leave_others_intact, check_seeded_sampling,
-                                complete, run_all, run_preempting)
-from integration.prompts import prompts
+from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
+                                check_seeded_after_traffic, check_seeded_sampling, run_all,
+                                run_preempting)
 from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit,
                                      spec_metrics, trees_verified, vllm_server)
 
@@ -27,10 +24,10 @@ DFLASH = {"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 6}
 # ``dflash_drafter`` (conftest.py): a drafter trained here with CI-sized settings.
 
 # Whole blocks drafted every step (the CI drafter's drafts seldom pay for their verify
-# time, so the default budget would hardly draft them, and some must be accepted here);
-# the preemption server below runs the defaults.
-SHAPES = {"trees": {"tree": True, "budget": False, "adaptive": False, "max_block": 4},
-          "chains": {"tree": False, "budget": False, "adaptive": False, "max_block": 4}}
+# time, so the default budget and payoff gate would hardly draft them, and some must be
+# accepted here); the preemption server below runs the defaults.
+ALWAYS = {"budget": False, "payoff_gate": False, "adaptive": False, "max_block": 4}
+SHAPES = {"trees": {"tree": True, **ALWAYS}, "chains": {"tree": False, **ALWAYS}}
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
@@ -66,19 +63,8 @@ def test_seeded_sampling_is_reproducible(dflash_server, vanilla):
 
 
 def test_seeded_request_returns_the_same_tokens_after_other_traffic(dflash_server):
-    """A seeded sampled request sent again after concurrent traffic (other prompts;
-    greedy, sampled and seeded) returns the same token ids, although the drafter's
-    caches, the calibrators and vLLM's prefix cache have changed meanwhile."""
     _, url, _ = dflash_server
-    seeded = prompts("chat", 1, start=4)[0]
-    kinds = ({"temperature": 0}, {"temperature": 0.9}, {"temperature": 0.7, "seed": 11})
-    traffic = [(m, kinds[i % 3]) for i, m in enumerate(CONVERSATIONS)]
-    first = complete(url, seeded, temperature=0.8, seed=3)
-    with ThreadPoolExecutor(len(traffic)) as pool:
-        list(pool.map(lambda a: complete(url, a[0], **a[1]), traffic))
-    again = complete(url, seeded, temperature=0.8, seed=3)
-    assert again == first
-    assert first != complete(url, seeded, temperature=0)
+    check_seeded_after_traffic(url)
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter):

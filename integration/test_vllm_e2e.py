@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from integration.client import (CONVERSATIONS, MAX_TOKENS, assert_outputs_equal, banned_token,
-                                check_seeded_sampling, complete, run_all)
+                                check_seeded_after_traffic, check_seeded_sampling, complete,
+                                run_all)
 from integration.vllm_server import mean_acceptance_length, run_to_exit, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +48,10 @@ def test_greedy_outputs_equal_vanilla_at_batch_1_and_8(vanilla, suffix_server):
 
 def test_seeded_sampling_is_reproducible(suffix_server, vanilla):
     check_seeded_sampling(suffix_server, vanilla[0])
+
+
+def test_seeded_request_returns_the_same_tokens_after_other_traffic(suffix_server):
+    check_seeded_after_traffic(suffix_server)
 
 
 def test_min_p_and_logit_bias_are_served_without_speculation(suffix_server, vanilla):

@@ -15,20 +15,22 @@ from __future__ import annotations
 import re
 import pytest
 
-from integration.client import (CONVERSATIONS, assert_outputs_equal, check_seeded_sampling, run_all,
-                                run_preempting)
+from integration.client import (CONVERSATIONS, assert_outputs_equal, check_seeded_after_traffic,
+                                check_seeded_sampling, run_all, run_preempting)
 from integration.vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
 
 SERVERS = {
-    # Defaults: the method decides how much to draft (little, on this model).
+    # Defaults: the method decides how much to draft (little, on this model). swift's
+    # search is short and always runs to its end here (no payoff gate).
     "swift": ({"model": "spec_plugins.vllm.swift", "num_speculative_tokens": 4},
-              {"spec_plugins": {"trial_steps": 2, "search_trials": 8}}),
+              {"spec_plugins": {"trial_steps": 2, "search_trials": 8, "payoff_gate": False}}),
     "del": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4}, None),
     "del-full-depth": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
-                       {"spec_plugins": {"exit_layer": 30, "min_confidence": 0.0}}),
+                       {"spec_plugins": {"exit_layer": 30, "min_confidence": 0.0,
+                                         "payoff_gate": False}}),
 }
 
 
@@ -62,6 +64,11 @@ def test_layerskip_greedy_outputs_equal_vanilla(vanilla, layerskip_server):
 def test_seeded_sampling_is_reproducible(layerskip_server, vanilla):
     _, url, _ = layerskip_server
     check_seeded_sampling(url, vanilla[0])
+
+
+def test_seeded_request_returns_the_same_tokens_after_other_traffic(layerskip_server):
+    _, url, _ = layerskip_server
+    check_seeded_after_traffic(url)
 
 
 def test_full_depth_drafts_with_preemption_equal_vanilla(vanilla, default_model):
@@ -110,7 +117,8 @@ def test_qwen2_family_drafts_equal_vanilla(tiny_qwen2):
         want = run_all(url, convs, max_tokens=40)
     full = {"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4}
     log = log_file("qwen2-del")
-    with vllm_server(tiny_qwen2, full, {"spec_plugins": {"exit_layer": 6, "min_confidence": 0.0}},
+    with vllm_server(tiny_qwen2, full, {"spec_plugins": {"exit_layer": 6, "min_confidence": 0.0,
+                                                         "payoff_gate": False}},
                      extra=small, log_path=log) as url:
         got = run_all(url, convs, max_tokens=40)
         m = spec_metrics(url)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from integration.client import assert_outputs_equal, check_seeded_sampling, run_all
+from integration.client import (assert_outputs_equal, check_seeded_after_traffic,
+                                check_seeded_sampling, run_all)
 from integration.vllm_server import spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -40,3 +41,7 @@ def test_entry_point_method_sampled_drafts_are_reproducible(plugin_server, vanil
     check_seeded_sampling(plugin_server, vanilla[0])
     after = spec_metrics(plugin_server)
     assert after["num_draft_tokens"] > before.get("num_draft_tokens", 0)
+
+
+def test_entry_point_method_seeded_after_other_traffic(plugin_server):
+    check_seeded_after_traffic(plugin_server)

@@ -58,7 +58,8 @@ def homogeneity(a: list[tuple], b: list[tuple]) -> float:
 @pytest.mark.parametrize("tree", [False, True], ids=["chains", "trees"])
 def test_sampled_drafts_keep_the_target_distribution(tiny, vanilla_samples, tree):
     res = sample(tiny, "--method", "test_sampled", "--options",
-                 json.dumps({"tree": tree, "depth": 3, "support": 8}))
+                 json.dumps({"tree": tree, "depth": 3, "support": 8,
+                                            "payoff_gate": False}))
     m = res["metrics"]
     drafted = m.get("vllm:spec_decode_num_draft_tokens", 0)
     accepted = m.get("vllm:spec_decode_num_accepted_tokens", 0)

@@ -5,7 +5,6 @@ one line naming the difference, installs no hook, and serves vanilla's outputs."
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from integration.client import (CONVERSATIONS, assert_outputs_equal,
-                                check_aborts_leave_others_intact, check_seeded_sampling, complete,
-                                run_all)
+                                check_aborts_leave_others_intact, check_seeded_after_traffic,
+                                check_seeded_sampling, complete, run_all)
 from integration.vllm_server import (log_file, mean_acceptance_length, spec_metrics,
                                      trees_verified, vllm_server)
 
@@ -66,4 +66,9 @@ def test_aborted_requests_leave_the_others_and_the_cache_intact(vanilla, tree_se
 def test_seeded_sampling_with_trees_is_reproducible(tree_server, vanilla):
     _, url, _ = tree_server
     check_seeded_sampling(url, vanilla[0])
+
+
+def test_seeded_request_returns_the_same_tokens_after_other_traffic(tree_server):
+    _, url, _ = tree_server
+    check_seeded_after_traffic(url)
 

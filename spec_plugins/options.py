@@ -74,8 +74,14 @@ def _convert(tp, value, where: str, describe_cls: type):
     return value
 
 
+@dataclasses.dataclass(frozen=True)
 class MethodOptions:
-    """Base of every method's options dataclass (declare it ``@dataclass(frozen=True)``)."""
+    """Base of every method's options dataclass (declare it ``@dataclass(frozen=True)``):
+    the options every method has."""
+
+    payoff_gate: bool = opt(True, help="run the method only in batch-size classes where "
+                            "decoding cycles with it are measured faster than without it "
+                            "(the adapter session's payoff gate; false: always)")
 
     @classmethod
     def parse(cls: type[T], values: Mapping[str, Any] | None, where: str = "options") -> T:
@@ -120,7 +126,10 @@ def _hints(cls: type) -> dict[str, Any]:
 def describe(cls: type) -> str:
     hints = _hints(cls)
     parts = []
-    for f in dataclasses.fields(cls):
+    # The method's own options first, then those every method has.
+    common = {f.name for f in dataclasses.fields(MethodOptions)}
+    fields = dataclasses.fields(cls)
+    for f in [f for f in fields if f.name not in common] + [f for f in fields if f.name in common]:
         m = f.metadata
         rng = ""
         if m.get("choices"):

@@ -56,10 +56,18 @@ class PayoffGate:
     cycle in ``plain_every`` runs without drafts to keep the comparison current.
 
     Per ``propose``: ``allow = gate.begin(requests, batch_tokens)``, draft (or not), then
-    ``gate.end(drafted)``."""
+    ``gate.end(drafted)``.
 
-    def __init__(self, window: int = 8, retry_every: int = 16, plain_every: int = 16):
+    ``same_requests``: a cycle counts only when the same requests ran in it as in the one
+    before and none prefilled (exact, and enough at low concurrency). False: every cycle
+    of a batch-size class counts, prefills and arrivals included; at 32 or 64 concurrent a
+    request joins or leaves nearly every step, and both kinds of cycle see the same mix of
+    prefills per committed token, so the comparison stays fair over a longer window."""
+
+    def __init__(self, window: int = 8, retry_every: int = 16, plain_every: int = 16,
+                 same_requests: bool = True):
         self.window, self.plain_every = window, plain_every
+        self.same_requests = same_requests
         self.retry = Backoff(retry_every)
         self.cycles: dict[tuple[bool, int], deque] = {}  # (drafted, batch class) -> (s, tokens)
         self._ids: frozenset = frozenset()
@@ -68,9 +76,13 @@ class PayoffGate:
         self._burst = 0
         self._count = 0
 
-    @staticmethod
-    def _bucket(batch: int) -> int:
-        return min(batch, 8).bit_length()   # 1, 2-3, 4-7, 8+
+    # Batch-size classes: 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64+ (a method that pays at 8
+    # concurrent may not at 32: the step is compute-bound there).
+    MAX_CLASS = 64
+
+    @classmethod
+    def _bucket(cls, batch: int) -> int:
+        return min(batch, cls.MAX_CLASS).bit_length()
 
     def _rate(self, drafted: bool, bucket: int) -> float | None:
         """Seconds per token over the window, None until the window is full."""
@@ -83,7 +95,9 @@ class PayoffGate:
         now = clock.now()
         ids = frozenset(r.req_id for r in requests)
         # Comparable cycles only: the same requests, none of them prefilling.
-        if self._last is not None and ids == self._ids and batch_tokens == len(requests):
+        comparable = not self.same_requests or (ids == self._ids
+                                                and batch_tokens == len(requests))
+        if self._last is not None and comparable:
             t0, drafted, b = self._last
             tokens = sum(len(r.new_tokens) for r in requests)
             d = self.cycles.setdefault((drafted, self._bucket(b)),
@@ -127,7 +141,9 @@ class PayoffGate:
         for drafted, b in sorted(self.cycles, key=lambda k: (k[1], k[0])):
             spt = self._rate(drafted, b)
             if spt is not None:
-                size = {1: "1", 2: "2-3", 3: "4-7", 4: "8+"}[b]
+                lo = 1 << (b - 1)
+                size = (f"{lo}+" if lo >= self.MAX_CLASS else
+                        f"{lo}-{2 * lo - 1}" if lo > 1 else "1")
                 parts.append(f"batch {size} {'with' if drafted else 'without'} drafts "
                              f"{1 / spt:.1f} tok/s")
         return "measured: " + (", ".join(parts) or "nothing yet")

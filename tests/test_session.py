@@ -59,3 +59,77 @@ def test_a_method_needing_more_than_the_engine_supplies_stops_start_up():
     with pytest.raises(NotImplementedError, match="'dflash' needs \\['hidden_states'\\], "
                                                   "which the TestEngine adapter"):
         AdapterSession("dflash", {}, logging.getLogger("test"), "TestEngine", frozenset())
+
+
+class Clock:
+    """Simulated clock (``spec_plugins.clock``)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def counting(s: AdapterSession) -> list[list[str]]:
+    """Per call of the session's proposer, the requests it was asked to draft for."""
+    calls, inner = [], s.guard.propose
+
+    def propose(requests, ctx):
+        calls.append([r.req_id for r in requests])
+        return inner(requests, ctx)
+    s.guard.propose = propose
+    return calls
+
+
+def run_steps(s, clock, calls, ids, steps, seconds_with, seconds_without):
+    """``steps`` decoding cycles of requests ``ids`` (one token each): a cycle takes
+    ``seconds_with`` when the method drafted for the whole batch, else
+    ``seconds_without``."""
+    tokens = np.array([5, 6, 7, 8] * 6)
+    for _ in range(steps):
+        reqs = [s.draft_request(i, tokens, 4, [8], room=4) for i in ids]
+        before = len(calls)
+        s.propose(reqs, batch_tokens=len(reqs))
+        whole = len(calls) > before and len(calls[-1]) == len(ids)
+        clock.t += seconds_with if whole else seconds_without
+
+
+def test_payoff_gate_turns_a_losing_method_off_per_batch_class_and_keeps_seeded_requests(
+        monkeypatch):
+    from spec_plugins import clock as clock_module
+
+    clock = Clock()
+    monkeypatch.setattr(clock_module, "now", clock)
+    s = session()
+    calls = counting(s)
+    small = [f"a{i}" for i in range(2)]
+    big = [f"b{i}" for i in range(40)] + ["seeded"]
+    for i in small + big:
+        s.admit(i, RequestRecord(temperature=0.8, seed=1) if i == "seeded"
+                else RequestRecord())
+    # At batch 2 cycles with the method are faster (it pays): it runs but for the 16
+    # cycles that measure the method's absence and one in 16 after, to keep measuring.
+    run_steps(s, clock, calls, small, 200, 1.0, 1.5)
+    assert len(calls) > 160
+    # At batch 41 slower: measured (16 cycles with it, 16 without), then off but for
+    # retries that grow rarer; the seeded request is drafted for in every cycle all the
+    # same (its drafts must not depend on timing).
+    start = len(calls)
+    run_steps(s, clock, calls, big, 400, 1.5, 1.0)
+    whole = sum(len(c) == len(big) for c in calls[start:])
+    assert whole < 100
+    assert len(calls) - start == 400 and all("seeded" in c for c in calls[start:])
+    # The batch thins again: the method is back where it pays.
+    start = len(calls)
+    run_steps(s, clock, calls, small, 50, 1.0, 1.5)
+    assert len(calls) - start > 40
+
+
+def test_payoff_gate_can_be_turned_off():
+    s = AdapterSession("suffix", {"payoff_gate": False}, logging.getLogger("test"),
+                       "TestEngine", frozenset())
+    assert s.gate is None
+    with pytest.raises(Exception, match="payoff_gate must be bool"):
+        AdapterSession("suffix", {"payoff_gate": 3}, logging.getLogger("test"),
+                       "TestEngine", frozenset())

@@ -10,6 +10,10 @@ format, nothing more. The session owns:
   last verified positions);
 - the method's proposer behind the fault guard (:class:`GuardedProposer`);
 - the step timer that calibrates the verify-cost model on the engine's own steps;
+- the payoff gate: per batch-size class, whole decoding cycles with the method and without
+  it are timed, and the method runs only where it pays (a method that loses at 32
+  concurrent is off there within a few dozen steps, back when the batch thins; while off
+  it costs no drafting work, probes included);
 - the queue of committed hidden states (methods that read them);
 - the "log this reason once" set.
 
@@ -27,6 +31,7 @@ import numpy as np
 
 from spec_plugins.adapter.guard import GuardedProposer
 from spec_plugins.cost import StepTimer
+from spec_plugins.payoff import PayoffGate
 from spec_plugins.proposers import proposer_class
 from spec_plugins.proposers.base import (CommittedStatesQueue, DraftRequest, ModelInfo,
                                          StepContext, TargetModel)
@@ -35,6 +40,11 @@ from spec_plugins.tree import DraftTree
 # Prior slope of the step-time curve, as a fraction of a one-token step per extra query
 # token (float32 on a CPU: ~0.1); online calibration replaces it within a few steps.
 PRIOR_PER_TOKEN = 0.1
+# The session's payoff gate: cycles per measurement window (more than a method's own gate:
+# at high concurrency prefills and arrivals make single cycles noisy), and the propose
+# calls between log lines of what it measured.
+GATE_WINDOW = 16
+GATE_LOG_EVERY = 2048
 
 
 @dataclass
@@ -100,6 +110,9 @@ class AdapterSession:
         self.states = CommittedStatesQueue()
         self.requests: dict[str, RequestRecord] = {}
         self._logged: set[str] = set()
+        self.gate = (PayoffGate(window=GATE_WINDOW, same_requests=False)
+                     if getattr(self.proposer.options, "payoff_gate", True) else None)
+        self._proposals = 0
 
     def bind(self, info: ModelInfo) -> None:
         """The target is loaded: the proposer learns about it once; model-dependent
@@ -173,13 +186,31 @@ class AdapterSession:
         tokens the next step computes anyway (one per running request)."""
         if not requests:
             return []
-        ctx = StepContext(cost=self.timer.cost, batch_tokens=batch_tokens,
-                          target_model=target_model)
-        if self.wants_topk:
-            ctx.target_topk = [self.requests[r.req_id].topk for r in requests]
-        if self.wants_states:
-            ctx.hidden_states = [self.states.take(r.req_id) for r in requests]
-        return self.guard.propose(requests, ctx)
+        run = list(requests)
+        active = self.gate is None or self.gate.begin(requests, batch_tokens)
+        if not active:
+            # Seeded requests are drafted whatever the (timed) gate says: their drafts
+            # must not depend on timing, or their sampled outputs would.
+            run = [r for r in requests if r.isolated]
+        self._log_gate()
+        trees = {}
+        if run:
+            ctx = StepContext(cost=self.timer.cost, batch_tokens=batch_tokens,
+                              target_model=target_model)
+            if self.wants_topk:
+                ctx.target_topk = [self.requests[r.req_id].topk for r in run]
+            if self.wants_states:
+                ctx.hidden_states = [self.states.take(r.req_id) for r in run]
+            trees = {r.req_id: t for r, t in zip(run, self.guard.propose(run, ctx))}
+        if self.gate is not None:
+            self.gate.end(active)
+        return [trees.get(r.req_id) or DraftTree.empty() for r in requests]
+
+    def _log_gate(self) -> None:
+        self._proposals += 1
+        if self.gate is not None and self._proposals % GATE_LOG_EVERY == 0:
+            self.logger.info("spec_plugins: %s payoff gate (cycles with the method and "
+                             "without it) %s", self.method, self.gate.describe())
 
     def drafted(self, req_id: str, num_nodes: int) -> None:
         """The request's draft this step had ``num_nodes`` nodes (0: none)."""
