@@ -71,6 +71,7 @@ class PayoffGate:
         self.retry = Backoff(retry_every)
         self.cycles: dict[tuple[bool, int], deque] = {}  # (drafted, batch class) -> (s, tokens)
         self._ids: frozenset = frozenset()
+        self._batch = 0
         self._start = 0.0
         self._last: tuple[float, bool, int] | None = None
         self._burst = 0
@@ -93,8 +94,9 @@ class PayoffGate:
 
     def begin(self, requests: Sequence[CycleRequest], batch_tokens: int) -> bool:
         now = clock.now()
-        ids = frozenset(r.req_id for r in requests)
-        # Comparable cycles only: the same requests, none of them prefilling.
+        # Comparable cycles only: the same requests, none of them prefilling (membership is
+        # not read at all without same_requests: it would cost a set per step).
+        ids = frozenset(r.req_id for r in requests) if self.same_requests else self._ids
         comparable = not self.same_requests or (ids == self._ids
                                                 and batch_tokens == len(requests))
         if self._last is not None and comparable:
@@ -104,11 +106,11 @@ class PayoffGate:
                                        deque(maxlen=self.window))
             if not d or (now - t0) < 5 * d[-1][0]:   # longer: idle server, not decoding
                 d.append((now - t0, tokens))
-        self._ids, self._start = ids, now
+        self._ids, self._start, self._batch = ids, now, len(requests)
         return self._allow(self._bucket(len(requests)))
 
     def end(self, drafted: bool) -> None:
-        self._last = (self._start, drafted, len(self._ids))
+        self._last = (self._start, drafted, self._batch)
 
     def forget_drafting(self) -> None:
         """The drafter changed (e.g. a new layer set): measure it afresh."""

@@ -186,12 +186,10 @@ class AdapterSession:
         tokens the next step computes anyway (one per running request)."""
         if not requests:
             return []
-        run = list(requests)
         active = self.gate is None or self.gate.begin(requests, batch_tokens)
-        if not active:
-            # Seeded requests are drafted whatever the (timed) gate says: their drafts
-            # must not depend on timing, or their sampled outputs would.
-            run = [r for r in requests if r.isolated]
+        # Seeded requests are drafted whatever the (timed) gate says: their drafts must
+        # not depend on timing, or their sampled outputs would.
+        run = requests if active else [r for r in requests if r.isolated]
         self._log_gate()
         trees = {}
         if run:
@@ -204,11 +202,13 @@ class AdapterSession:
             trees = {r.req_id: t for r, t in zip(run, self.guard.propose(run, ctx))}
         if self.gate is not None:
             self.gate.end(active)
-        return [trees.get(r.req_id) or DraftTree.empty() for r in requests]
+        return [trees[r.req_id] if r.req_id in trees else DraftTree.empty() for r in requests]
 
     def _log_gate(self) -> None:
+        if self.gate is None:
+            return
         self._proposals += 1
-        if self.gate is not None and self._proposals % GATE_LOG_EVERY == 0:
+        if self._proposals % GATE_LOG_EVERY == 0:
             self.logger.info("spec_plugins: %s payoff gate (cycles with the method and "
                              "without it) %s", self.method, self.gate.describe())
 
