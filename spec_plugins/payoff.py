@@ -1,26 +1,25 @@
 """Whether drafting pays, measured: a method that decides it does not draft must cost
 (almost) nothing against the engine without speculation.
 
-- :class:`PayoffGate`: tokens per second of whole decoding cycles with drafts and
-  without, compared per batch-size class; drafting stops when it is measured slower;
-- :class:`Backoff`: how often to try (draft, probe, search) anyway when it does not pay,
-  the wait doubling while it keeps not paying.
+- :class:`PayoffGate`: tokens per second of whole decoding cycles with each part of a
+  method and without it, compared per batch-size class; the fastest runs;
+- :class:`Backoff`: how often to try (draft, probe, re-measure) anyway when it does not
+  pay, the wait doubling while it keeps not paying.
 
-Engine-agnostic: a proposer calls ``gate.begin`` at the top of ``propose`` and
-``gate.end`` with whether it drafted.
+Engine-agnostic: the adapter session (``spec_plugins.adapter.session``) holds the one gate
+of the method it serves.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Hashable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from spec_plugins import clock
 
 
 class CycleRequest(Protocol):
     """What the gate reads of a request (``proposers.base.DraftRequest`` has it)."""
-    req_id: Hashable
     new_tokens: Sequence[int]
 
 
@@ -44,38 +43,48 @@ class Backoff:
         self.every = self.start if yes else min(self.every * 2, self.cap)
 
 
+# The longest wait (cycles of a batch-size class) before an arm that was slower is
+# re-measured (unless its cost bound asks for longer).
+RETRY_CAP = 4096
+
+
 class PayoffGate:
-    """Whether drafting pays, measured rather than modelled: wall seconds per committed
-    token over whole decoding cycles (one ``propose`` call to the next: drafting plus
-    the engine step), over the last ``window`` cycles with drafts and without, per
-    batch-size class. The cost models behind :func:`best_length` miss what a step with
-    drafts costs beyond its forward (rejection sampling, bookkeeping, a busy machine);
-    this gate catches it. Drafting runs until cycles without drafts are measured to be
-    faster; then a burst of ``window`` cycles with drafts re-measures it, after waits
-    that double while it stays slower (:class:`Backoff`). While drafting pays, one
-    cycle in ``plain_every`` runs without drafts to keep the comparison current.
+    """Which way of running a method pays, measured rather than modelled: wall seconds per
+    committed token over whole decoding cycles (one ``propose`` call to the next: drafting
+    plus the engine step), per batch-size class, for each *arm*: the method's parts
+    (``parts``, fullest first, e.g. ``("block pass and suffix", "suffix only")``) and,
+    last, running without it. The cost models behind :func:`best_length` miss what a step
+    with drafts costs beyond its forward (rejection sampling, bookkeeping, a busy
+    machine); this gate catches it.
 
-    Per ``propose``: ``allow = gate.begin(requests, batch_tokens)``, draft (or not), then
-    ``gate.end(drafted)``.
+    Every arm is first measured for ``window`` cycles (the fullest first); then the
+    fastest runs. Each slower arm is re-measured in a burst of ``window`` cycles, after a
+    wait that doubles while it stays slower (:class:`Backoff`) and that is never so short
+    that bursts cost more than ``max_overhead`` of the time (a burst of an arm twice as
+    slow waits ``window / max_overhead`` cycles): re-measuring a method that loses at 64
+    concurrent costs at most that share.
 
-    ``same_requests``: a cycle counts only when the same requests ran in it as in the one
-    before and none prefilled (exact, and enough at low concurrency). False: every cycle
-    of a batch-size class counts, prefills and arrivals included; at 32 or 64 concurrent a
-    request joins or leaves nearly every step, and both kinds of cycle see the same mix of
-    prefills per committed token, so the comparison stays fair over a longer window."""
+    Per ``propose``: ``arm = gate.begin(requests)`` (``gate.off``: do not run the method),
+    run it, then ``gate.end(arm)`` (``None``: a cycle not to count).
 
-    def __init__(self, window: int = 8, retry_every: int = 16, plain_every: int = 16,
-                 same_requests: bool = True):
-        self.window, self.plain_every = window, plain_every
-        self.same_requests = same_requests
-        self.retry = Backoff(retry_every)
-        self.cycles: dict[tuple[bool, int], deque] = {}  # (drafted, batch class) -> (s, tokens)
-        self._ids: frozenset = frozenset()
+    Every cycle of a batch-size class counts, prefills and arrivals included: at 32 or 64
+    concurrent a request joins or leaves nearly every step, and every arm sees the same
+    mix of prefills per committed token over a window."""
+
+    def __init__(self, parts: Sequence[str] = ("the method",), window: int = 16,
+                 retry_every: int = 16, max_overhead: float = 0.03):
+        self.parts = tuple(parts)
+        self.off = len(self.parts)          # the last arm: without the method
+        self.window, self.max_overhead = window, max_overhead
+        self.retry_every = retry_every
+        self.cycles: dict[tuple[int, int], deque] = {}   # (arm, batch class) -> (s, tokens)
+        self._waits: dict[tuple[int, int], Backoff] = {}
+        self._due: dict[tuple[int, int], int] = {}       # (arm, class) -> cycle count due
+        self._count: dict[int, int] = {}                 # class -> cycles so far
+        self._burst: dict[int, tuple[int, int]] = {}     # class -> (arm, cycles left)
         self._batch = 0
         self._start = 0.0
-        self._last: tuple[float, bool, int] | None = None
-        self._burst = 0
-        self._count = 0
+        self._last: tuple[float, int, int] | None = None
 
     # Batch-size classes: 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64+ (a method that pays at 8
     # concurrent may not at 32: the step is compute-bound there).
@@ -85,67 +94,74 @@ class PayoffGate:
     def _bucket(cls, batch: int) -> int:
         return min(batch, cls.MAX_CLASS).bit_length()
 
-    def _rate(self, drafted: bool, bucket: int) -> float | None:
+    def _rate(self, arm: int, bucket: int) -> float | None:
         """Seconds per token over the window, None until the window is full."""
-        d = self.cycles.get((drafted, bucket))
+        d = self.cycles.get((arm, bucket))
         if d is None or len(d) < self.window:
             return None
         return sum(s for s, _ in d) / max(sum(t for _, t in d), 1)
 
-    def begin(self, requests: Sequence[CycleRequest], batch_tokens: int) -> bool:
+    def begin(self, requests: Sequence[CycleRequest]) -> int:
         now = clock.now()
-        # Comparable cycles only: the same requests, none of them prefilling (membership is
-        # not read at all without same_requests: it would cost a set per step).
-        ids = frozenset(r.req_id for r in requests) if self.same_requests else self._ids
-        comparable = not self.same_requests or (ids == self._ids
-                                                and batch_tokens == len(requests))
-        if self._last is not None and comparable:
-            t0, drafted, b = self._last
-            tokens = sum(len(r.new_tokens) for r in requests)
-            d = self.cycles.setdefault((drafted, self._bucket(b)),
-                                       deque(maxlen=self.window))
+        if self._last is not None:
+            t0, arm, b = self._last
+            d = self.cycles.setdefault((arm, self._bucket(b)), deque(maxlen=self.window))
             if not d or (now - t0) < 5 * d[-1][0]:   # longer: idle server, not decoding
-                d.append((now - t0, tokens))
-        self._ids, self._start, self._batch = ids, now, len(requests)
-        return self._allow(self._bucket(len(requests)))
+                d.append((now - t0, sum(len(r.new_tokens) for r in requests)))
+        self._start, self._batch = now, len(requests)
+        return self._choose(self._bucket(len(requests)))
 
-    def end(self, drafted: bool) -> None:
-        self._last = (self._start, drafted, self._batch)
+    def end(self, arm: int | None) -> None:
+        self._last = None if arm is None else (self._start, arm, self._batch)
 
     def forget_drafting(self) -> None:
-        """The drafter changed (e.g. a new layer set): measure it afresh."""
-        for (drafted, _), d in self.cycles.items():
-            if drafted:
+        """The drafter changed (e.g. a new layer set): measure its arms afresh."""
+        for (arm, _), d in self.cycles.items():
+            if arm != self.off:
                 d.clear()
-        self._burst = 0
+        self._burst.clear()
 
-    def _allow(self, bucket: int) -> bool:
-        self._count += 1
-        if self._burst:
-            self._burst -= 1
-            return True
-        draft, plain = self._rate(True, bucket), self._rate(False, bucket)
-        if draft is None:
-            return True             # measure drafting first
-        if plain is None:
-            return False            # then cycles without
-        if draft <= plain:
-            self.retry.paid(True)
-            return self._count % self.plain_every != 0
-        if self.retry.due():
-            self.retry.paid(False)
-            self._burst = self.window - 1
-            return True
-        return False
+    def _choose(self, bucket: int) -> int:
+        count = self._count[bucket] = self._count.get(bucket, 0) + 1
+        burst = self._burst.get(bucket)
+        if burst is not None:
+            arm, left = burst
+            if left > 1:
+                self._burst[bucket] = (arm, left - 1)
+            else:
+                del self._burst[bucket]
+            return arm
+        rates = [self._rate(arm, bucket) for arm in range(self.off + 1)]
+        for arm, rate in enumerate(rates):
+            if rate is None:
+                return arm                  # every arm measured once, the fullest first
+        best = min(range(self.off + 1), key=rates.__getitem__)
+        for arm, rate in enumerate(rates):
+            key = (arm, bucket)
+            wait = self._waits.setdefault(key, Backoff(self.retry_every, cap=RETRY_CAP))
+            if arm == best:
+                wait.paid(True)
+                self._due.pop(key, None)
+                continue
+            if key not in self._due:    # slower since its last burst: when to look again
+                slower = rate / max(rates[best], 1e-12) - 1
+                self._due[key] = count + max(
+                    wait.every, int(self.window * slower / self.max_overhead))
+                wait.paid(False)
+            elif count >= self._due[key]:
+                del self._due[key]
+                self._burst[bucket] = (arm, self.window - 1)
+                return arm
+        return best
 
     def describe(self) -> str:
         parts = []
-        for drafted, b in sorted(self.cycles, key=lambda k: (k[1], k[0])):
-            spt = self._rate(drafted, b)
+        for arm, b in sorted(self.cycles, key=lambda k: (k[1], k[0])):
+            spt = self._rate(arm, b)
             if spt is not None:
                 lo = 1 << (b - 1)
                 size = (f"{lo}+" if lo >= self.MAX_CLASS else
                         f"{lo}-{2 * lo - 1}" if lo > 1 else "1")
-                parts.append(f"batch {size} {'with' if drafted else 'without'} drafts "
-                             f"{1 / spt:.1f} tok/s")
+                what = "without it" if arm == self.off else f"with {self.parts[arm]}"
+                parts.append(f"batch {size} {what} {1 / spt:.1f} tok/s")
         return "measured: " + (", ".join(parts) or "nothing yet")

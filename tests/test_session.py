@@ -126,6 +126,39 @@ def test_payoff_gate_turns_a_losing_method_off_per_batch_class_and_keeps_seeded_
     assert len(calls) - start > 40
 
 
+def test_the_gate_runs_the_fastest_part_of_a_method_and_seeded_requests_in_full(
+        monkeypatch):
+    """A method with two parts (e.g. dflash's block pass and its suffix side alone): the
+    session runs the part whose cycles are fastest, and seeded requests always in full."""
+    from spec_plugins import clock as clock_module
+    from spec_plugins.payoff import PayoffGate
+
+    clock = Clock()
+    monkeypatch.setattr(clock_module, "now", clock)
+    s = session()
+    s.gate = PayoffGate(("block pass", "suffix side alone"), window=16)
+    parts, inner = [], s.guard.propose
+
+    def propose(requests, ctx):
+        parts.append((ctx.part, [r.req_id for r in requests]))
+        return inner(requests, ctx)
+    s.guard.propose = propose
+    ids = ["a", "b", "seeded"]
+    for i in ids:
+        s.admit(i, RequestRecord(temperature=0.8, seed=1) if i == "seeded" else RequestRecord())
+    tokens = np.array([5, 6, 7, 8] * 6)
+    seconds = {0: 2.0, 1: 1.0}   # the block pass costs a step and commits nothing more
+    for _ in range(300):
+        before = len(parts)
+        s.propose([s.draft_request(i, tokens, 4, [8], room=4) for i in ids], batch_tokens=3)
+        ran = parts[-1] if len(parts) > before else None
+        clock.t += 1.5 if ran is None or ran[1] == ["seeded"] else seconds[ran[0]]
+    assert [p for p, _ in parts[:16]] == [0] * 16          # measured first
+    assert sum(p == 1 and len(r) == 3 for p, r in parts[-200:]) > 180
+    assert all(p == 0 and r == ["seeded"] for p, r in parts if len(r) == 1)
+    assert "with suffix side alone 3.0 tok/s" in s.gate.describe()
+
+
 def test_payoff_gate_can_be_turned_off():
     s = AdapterSession("suffix", {"payoff_gate": False}, logging.getLogger("test"),
                        "TestEngine", frozenset())

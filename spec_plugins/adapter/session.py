@@ -110,8 +110,9 @@ class AdapterSession:
         self.states = CommittedStatesQueue()
         self.requests: dict[str, RequestRecord] = {}
         self._logged: set[str] = set()
-        self.gate = (PayoffGate(window=GATE_WINDOW, same_requests=False)
+        self.gate = (PayoffGate(self.proposer.parts, window=GATE_WINDOW)
                      if getattr(self.proposer.options, "payoff_gate", True) else None)
+        self._drafter_version = self.proposer.drafter_version
         self._proposals = 0
 
     def bind(self, info: ModelInfo) -> None:
@@ -186,27 +187,39 @@ class AdapterSession:
         tokens the next step computes anyway (one per running request)."""
         if not requests:
             return []
-        active = self.gate is None or self.gate.begin(requests, batch_tokens)
-        # Seeded requests are drafted whatever the (timed) gate says: their drafts must
-        # not depend on timing, or their sampled outputs would.
-        run = requests if active else [r for r in requests if r.isolated]
-        self._log_gate()
+        part = self._choose_part(requests)
+        # Seeded requests are drafted whatever the (timed) gate says, in full: their drafts
+        # must not depend on timing, or their sampled outputs would.
+        run = requests if part is not None else [r for r in requests if r.isolated]
         trees = {}
         if run:
             ctx = StepContext(cost=self.timer.cost, batch_tokens=batch_tokens,
-                              target_model=target_model)
+                              target_model=target_model, part=part or 0)
             if self.wants_topk:
                 ctx.target_topk = [self.requests[r.req_id].topk for r in run]
             if self.wants_states:
                 ctx.hidden_states = [self.states.take(r.req_id) for r in run]
             trees = {r.req_id: t for r, t in zip(run, self.guard.propose(run, ctx))}
-        if self.gate is not None:
-            self.gate.end(active)
         return [trees[r.req_id] if r.req_id in trees else DraftTree.empty() for r in requests]
 
+    def _choose_part(self, requests: Sequence[DraftRequest]) -> int | None:
+        """The part of the method the payoff gate runs this cycle (None: none); the gate
+        times the cycle that ends at the next call."""
+        gate = self.gate
+        if gate is None:
+            return 0
+        if self.proposer.drafter_version != self._drafter_version:
+            self._drafter_version = self.proposer.drafter_version
+            gate.forget_drafting()
+        arm = gate.begin(requests)
+        self._log_gate()
+        if self.proposer.exploring:
+            gate.end(None)          # a search's cycles say nothing of the method's payoff
+            return 0
+        gate.end(arm)
+        return None if arm == gate.off else arm
+
     def _log_gate(self) -> None:
-        if self.gate is None:
-            return
         self._proposals += 1
         if self._proposals % GATE_LOG_EVERY == 0:
             self.logger.info("spec_plugins: %s payoff gate (cycles with the method and "

@@ -183,6 +183,9 @@ class StepContext:
     target_logits: Any | None = None   # per request, [vocab] (engine tensor or ndarray)
     hidden_states: Sequence[CommittedStates | None] | None = None   # per request
     target_model: TargetModel | None = None
+    # Which of the method's ``Proposer.parts`` runs this step (0: the fullest), chosen by
+    # the adapter session's payoff gate; requests marked ``isolated`` run the fullest.
+    part: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -198,6 +201,12 @@ class Proposer(ABC):
     #: With ``"hidden_states"`` in ``needs``: the target layers (0-based) whose outputs
     #: the proposer reads, concatenated in this order (set by ``bind`` at the latest).
     hidden_layers: tuple[int, ...] = ()
+    #: The ways the method can run, fullest first (``StepContext.part`` indexes them):
+    #: the adapter session's payoff gate times each, and running without the method, per
+    #: batch-size class and runs the fastest.
+    parts: tuple[str, ...] = ("drafts",)
+    #: Bumped when the drafts' quality changes (a new layer set): the gate re-measures.
+    drafter_version: int = 0
 
     #: The method's options dataclass (see ``spec_plugins.options``), if it has options.
     Options: ClassVar[type | None] = None
@@ -220,6 +229,12 @@ class Proposer(ABC):
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
         """One tree per request, in the order given, each of at most
         ``max_draft_tokens`` nodes."""
+
+    @property
+    def exploring(self) -> bool:
+        """The method is searching for how to draft (e.g. a layer set): it runs whatever
+        the gate says, and those cycles are not timed. It must keep the search cheap."""
+        return False
 
     def finish(self, req_id: str) -> None:
         """The request left the engine; drop per-request state (or keep it for reuse)."""

@@ -21,10 +21,13 @@ lattice into drafts, whatever produced it:
   the suffix tries reach repeats far past the block, the block drafts what was never
   seen before; a request whose suffix draft is expected to commit a token or more skips
   the block pass;
-- the draft pass itself is priced by measurement: ``payoff.PayoffGate`` compares whole
-  cycles with and without drafts and skips the pass while it does not pay (the verify-cost
-  model prices only the verified tokens, not the drafter's forward). The drafter's
-  per-request state still takes every committed token meanwhile;
+- the draft pass itself is priced by measurement: the method's ``parts`` are the block
+  pass (with the suffix side, if on) and, with ``suffix``, the suffix side alone; the
+  adapter session's payoff gate times whole cycles of each and without the method, per
+  batch-size class, and runs the fastest (the verify-cost model prices only the verified
+  tokens, not the drafter's forward), so a weak drafter leaves the method at its suffix
+  side's speed. The drafter's per-request state still takes every committed token
+  meanwhile;
 - isolated requests (seeded sampling) draft from their own tokens and seed alone: past
   the gate, uncalibrated, uncut, each in a drafter pass of its own at its own block
   length, so a seeded request's draws do not depend on what else the server serves.
@@ -46,7 +49,6 @@ from spec_plugins.builders import fit_batch, union
 from spec_plugins.calibration import Calibrator
 from spec_plugins.lattice import AdaptiveLength, greedy_tree, sampled_tree, topk_lattice
 from spec_plugins.options import MethodOptions, OptionError, opt
-from spec_plugins.payoff import PayoffGate
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.proposers.suffix import SuffixOptions, SuffixProposer
 from spec_plugins.tree import DraftTree
@@ -72,9 +74,8 @@ class BlockOptions(MethodOptions):
                                    "union of both drafters' trees: long repeats the block "
                                    "cannot reach, alternatives it did not rank")
     budget: bool = opt(True, help="cut drafts to the nodes the verify-cost model says pay "
-                                  "for themselves, and skip the draft pass while cycles "
-                                  "with drafts are measured slower than without (False: "
-                                  "always draft the whole block; for measuring acceptance)")
+                                  "for themselves (False: always draft the whole block; "
+                                  "for measuring acceptance, with payoff_gate false)")
 
     def validate(self, where: str) -> None:
         if self.max_block and self.min_block > self.max_block:
@@ -96,7 +97,6 @@ class BlockState:
 # skipped: the pass costs about a tenth of a step on a 2-core CPU, about what the block
 # adds to a confident suffix draft (integration/RESULTS.md, issue 10, fourth run).
 SUFFIX_ENOUGH = 1.0
-LOG_EVERY = 512   # propose calls between log lines of the payoff gate's figures
 
 
 def _bucket(depth: int, p: float) -> tuple[int, int]:
@@ -105,6 +105,7 @@ def _bucket(depth: int, p: float) -> tuple[int, int]:
 
 class BlockProposer(Proposer):
     makes_trees = True
+    parts = ("the block pass",)
     #: The longest block (set by ``bind`` from the drafter and ``max_block``).
     max_block: int = 0
 
@@ -113,13 +114,13 @@ class BlockProposer(Proposer):
         self.calibrator = Calibrator()
         self._requests: dict[str, BlockState] = {}
         self._gen = torch.Generator()
-        self.gate = PayoffGate()
-        self._steps = 0
         # Chains where this method drafts chains: the union of two chains is then their
         # better one (``_with_suffix``), never a branching suffix tree.
         self._suffix = (SuffixProposer(SuffixOptions(tree=self.options.tree,
                                                      calibrate=self.options.calibrate))
                         if self.options.suffix else None)
+        if self._suffix is not None:
+            self.parts = ("the block pass", "the suffix side alone")
 
     def _set_max_block(self, trained: int) -> None:
         """Called by ``bind`` with the drafter's trained block length."""
@@ -173,9 +174,6 @@ class BlockProposer(Proposer):
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
         o = self.options
-        self._steps += 1
-        if self._steps % LOG_EVERY == 0 and o.budget:
-            self.logger.info("spec_plugins: %s payoff gate %s", self.name, self.gate.describe())
         extras = ctx.hidden_states or [None] * len(requests)
         sts, lens = [], []
         for req, extra in zip(requests, extras):
@@ -193,9 +191,9 @@ class BlockProposer(Proposer):
         fixed = [r.isolated for r in requests]
         live = [i for i, n in enumerate(lens)
                 if n > 0 and self._can_draft(sts[i]) and not self._suffix_suffices(side[i])]
-        allow = not o.budget or self.gate.begin(requests, ctx.batch_tokens)
-        # Isolated requests are drafted whatever the (timed, batch-wide) payoff gate says.
-        shared = [i for i in live if allow and not requests[i].isolated]
+        # Isolated requests get the block pass whatever part the (timed) gate chose.
+        block_pass = ctx.part == 0
+        shared = [i for i in live if block_pass and not requests[i].isolated]
         lattices = {}
         if shared:
             logits = self._lattice([requests[i] for i in shared], [sts[i] for i in shared],
@@ -224,7 +222,6 @@ class BlockProposer(Proposer):
             st.buckets = None if raw is None else [
                 _bucket(d, raw[(d - 1, t)]) if (d - 1, t) in raw else None
                 for d, t in zip(tree.depths(), tree.tokens)]
-        self.gate.end(bool(lattices))
         return trees
 
     @staticmethod

@@ -20,9 +20,10 @@ Exit and length choice. Per request and candidate ``E``: the draft length that
 maximises committed tokens per second given the acceptance at ``E``, the draft cost of
 ``E`` layers (timed online, ``a + b * E``) and the verify cost per draft token (the
 adapter's cost model) (``layerskip.best_length``); the pair with the best rate wins,
-no draft at all if none beats not drafting. Above that, ``payoff.PayoffGate`` turns
-drafting off (retrying now and then) while decoding cycles with drafts are measured to
-commit fewer tokens per second than cycles without. A draft also ends before its first token
+no draft at all if none beats not drafting. Above that, the adapter session's payoff
+gate turns the method off, probes included, in batch-size classes where decoding cycles
+with it are measured to commit fewer tokens per second than cycles without (retrying
+rarely). A draft also ends before its first token
 below ``min_confidence`` (dynamic draft exit). Every ``log_every`` steps the exits
 chosen and the acceptance per candidate are logged.
 
@@ -42,7 +43,7 @@ import torch
 
 from spec_plugins.options import MethodOptions, OptionError, opt
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
-from spec_plugins.payoff import Backoff, PayoffGate
+from spec_plugins.payoff import Backoff
 from spec_plugins.proposers.layerskip import (Acceptance, DraftTimer, best_length,
                                               chains_to_trees, describe_costs, draft_chains,
                                               step_costs)
@@ -85,7 +86,6 @@ class DelProposer(Proposer):
         self._steps = 0
         self._chosen: Counter = Counter()
         self.probing = Backoff(self.options.probe_every)
-        self.gate = PayoffGate()
 
     def bind(self, model: ModelInfo) -> None:
         self._setup(model.num_layers)
@@ -195,7 +195,6 @@ class DelProposer(Proposer):
                 self._probes[req.req_id] = (len(req.token_ids),
                                             {e: t for e, (t, _) in probed[i].items()})
 
-        allow = self.gate.begin(requests, ctx.batch_tokens)
         t_step, t_token = step_costs(ctx)
         group = len(requests)
         # One fit of the draft-cost model per step; the batch shares each draft forward.
@@ -210,8 +209,6 @@ class DelProposer(Proposer):
                 continue
             if req.isolated:
                 e = middle
-            elif not allow:
-                continue
             elif o.exit_layer:
                 e = o.exit_layer
             else:
@@ -237,14 +234,13 @@ class DelProposer(Proposer):
                 trees[i] = tree
                 if len(tree):
                     self._pending[requests[i].req_id] = (e, len(tree), i in probed)
-        self.gate.end(any(len(t) for t in trees))
         if self._steps % o.log_every == 0 and not o.exit_layer:
             self.logger.info(
                 "spec_plugins: del exit layers chosen (last %d steps): %s; acceptance per "
                 "exit layer (recent): %s; first-token hit rate per exit layer (%d probes): "
-                "%s; %s; %s", o.log_every, dict(sorted(self._chosen.items())),
+                "%s; %s", o.log_every, dict(sorted(self._chosen.items())),
                 {e: round(a.rate, 3) for e, a in self.stream.items()}, self.probes,
                 {e: round(self.probe_hits[e] / max(self.probes, 1), 3) for e in self.exits},
-                describe_costs(ctx, self.timer, self._num_layers), self.gate.describe())
+                describe_costs(ctx, self.timer, self._num_layers))
             self._chosen.clear()
         return trees

@@ -22,10 +22,12 @@ calibrated, each request drafts the length that maximises committed tokens per s
 given the set's acceptance, draft and verify costs (``layerskip.best_length``), which is
 0 when drafting does not pay; it then drafts anyway after ``explore_every`` steps, so the
 acceptance estimate stays current, at intervals that double (up to 256 steps) while
-drafting keeps not paying. Above both, ``payoff.PayoffGate`` compares measured tokens
-per second of decoding cycles with and without drafts and turns drafting off (retrying
-now and then) when it is slower; every ``log_every`` steps the set, its acceptance and
-these measurements are logged.
+drafting keeps not paying. Above both, the adapter session's payoff gate compares
+measured tokens per second of decoding cycles with the method and without it and turns
+the method off (retrying rarely) where it is slower; every ``log_every`` steps the set,
+its acceptance and its costs are logged. The search runs whatever the gate says
+(``exploring``), but drafts for at most ``SEARCH_REQUESTS`` requests per step, so that at
+64 concurrent it costs little more than at 4.
 
 ``skip_layers`` fixes the set (no search). Requests marked ``isolated`` (seeded
 sampling) always use a fixed, evenly spread set and the longest allowed draft, so
@@ -41,7 +43,7 @@ import numpy as np
 
 from spec_plugins.options import MethodOptions, OptionError, opt
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
-from spec_plugins.payoff import Backoff, PayoffGate
+from spec_plugins.payoff import Backoff
 from spec_plugins.proposers.layerskip import (Acceptance, DraftTimer, best_length,
                                               chains_to_trees, describe_costs, draft_chains,
                                               step_costs)
@@ -67,6 +69,10 @@ class SwiftOptions(MethodOptions):
     seed: int = opt(0, lo=0, hi=2**31 - 1, help="seed of the random search")
     log_every: int = opt(256, lo=1, hi=10**9, help="steps between logs of what it measured")
 
+
+
+# Requests a search step drafts for (the first in the batch): enough to score a set.
+SEARCH_REQUESTS = 4
 
 
 def spread(candidates: Sequence[int], m: int) -> tuple[int, ...]:
@@ -134,7 +140,6 @@ class SwiftProposer(Proposer):
         self._pending: dict[str, tuple[tuple[int, ...], int]] = {}  # req -> (skip, drafted)
         self._steps = 0
         self.explore = Backoff(self.options.explore_every)
-        self.gate = PayoffGate()
 
     def bind(self, model: ModelInfo) -> None:
         self._setup(model.num_layers)
@@ -172,7 +177,7 @@ class SwiftProposer(Proposer):
         if len(self.search.tried) >= self.options.search_trials:
             self.skip, score = self.search.best()
             self.searching = False
-            self.gate.forget_drafting()
+            self.drafter_version += 1   # the gate measures the chosen set afresh
             self._search_done_at = self._steps
             self.logger.info(
                 "spec_plugins: swift chose skip layers %s (%d of %d layers run; acceptance "
@@ -188,6 +193,10 @@ class SwiftProposer(Proposer):
     def layers(self, skip: Sequence[int]) -> list[int]:
         s = set(skip)
         return [i for i in range(self._num_layers) if i not in s]
+
+    @property
+    def exploring(self) -> bool:
+        return self.searching
 
     def finish(self, req_id: str) -> None:
         self._pending.pop(req_id, None)
@@ -218,17 +227,20 @@ class SwiftProposer(Proposer):
                   and self._steps - self._search_done_at >= self.options.search_every):
                 self._start_search()
 
-        allow = self.gate.begin(requests, ctx.batch_tokens) or self.searching
         limits = []
         t_step, t_token = step_costs(ctx)
         stats = self.stats.setdefault(self.skip, Acceptance())
         explore = not self.searching and self.explore.due()
         t_draft = self.timer.time(len(self.layers(self.skip)), t_step * ctx.batch_tokens / self._num_layers)
+        searched = 0
         for req in requests:
             lim = min(req.max_draft_tokens, model.room(req.req_id))
-            if not req.isolated and not allow:
-                lim = 0
-            elif not req.isolated and not self.searching and not explore:
+            if req.isolated:
+                pass
+            elif self.searching:
+                searched += 1
+                lim = lim if searched <= SEARCH_REQUESTS else 0
+            elif not explore:
                 lim = min(lim, best_length(stats.rate, lim, t_step,
                                            t_draft / len(requests), t_token)[0])
             limits.append(lim)
@@ -251,10 +263,9 @@ class SwiftProposer(Proposer):
                     self._pending[requests[i].req_id] = (skip, len(tree))
         if self.searching:
             self._trial[0] += 1   # the search lasts search_trials * trial_steps steps
-        self.gate.end(any(len(t) for t in trees))
         if self._steps % self.options.log_every == 0 and not self.searching:
             self.logger.info(
-                "spec_plugins: swift skips layers %s; acceptance %.2f; %s; %s",
-                list(self.skip), stats.rate, self.gate.describe(),
+                "spec_plugins: swift skips layers %s; acceptance %.2f; %s",
+                list(self.skip), stats.rate,
                 describe_costs(ctx, self.timer, self._num_layers))
         return trees

@@ -229,34 +229,23 @@ def test_suffix_drafts_join_the_block_drafts(checkpoint, tree):
         assert last is None or last.is_chain
 
 
-def test_payoff_gate_skips_the_draft_pass_when_it_does_not_pay(checkpoint, monkeypatch):
-    """Cycles with drafts measured slower (nothing accepted, the pass costs half a step):
-    the proposer stops drafting, yet its context keeps every committed token, so a draft
-    after the gate reopens equals a fresh proposer's that saw the context at once."""
-    from spec_plugins import clock as wall_clock
-    from spec_plugins import payoff
-
-    class Clock:
-        t = 0.0
-
-        def __call__(self):
-            return self.t
-
-    clock = Clock()
-    monkeypatch.setattr(wall_clock, "now", clock)
+def test_the_suffix_side_alone_skips_the_block_pass_and_keeps_the_context(checkpoint):
+    """While the session's payoff gate runs the suffix side alone (``ctx.part`` 1: the
+    block pass does not pay), no block is drafted, yet the context keeps every committed
+    token, so a draft after the gate reopens equals a fresh proposer's that saw the
+    context at once."""
     p = proposer(checkpoint, tree=False, adaptive=False)
-    p.gate = payoff.PayoffGate(window=4, retry_every=64, plain_every=8)
+    assert p.parts == ("the block pass", "the suffix side alone")
     pos, drafted = 5, []
     s = states(range(5))
     for step in range(40):
         req = DraftRequest("r", np.arange(pos + 1) % V, 3, [1], 8,
                            num_accepted=0 if step else None)
-        (t,) = p.propose([req], StepContext(hidden_states=[s]))
+        (t,) = p.propose([req], StepContext(hidden_states=[s], part=int(step >= 4)))
         drafted.append(len(t) > 0)
-        clock.t += 1.5 if len(t) else 1.0
         s = states([pos], seed=pos)
         pos += 1
-    assert all(drafted[:4]) and not any(drafted[-20:])
+    assert all(drafted[:4]) and not any(drafted[4:])   # no token repeats: no suffix draft
     # The context still holds every committed position.
     assert p._requests["r"].end == pos - 1
     fresh = proposer(checkpoint, tree=False, adaptive=False, budget=False)
@@ -303,11 +292,11 @@ def test_prompt_served_from_the_engines_prefix_cache_gets_the_cached_context(che
     assert len(p._requests["b"].context) == 9
 
 
-def seeded_run(p, steps=6, companions=None, clock=None, temperature=0.8):
+def seeded_run(p, steps=6, companions=None, part=0, temperature=0.8):
     """Drive seeded request ``s`` for ``steps`` steps beside ``companions`` (req_id ->
     (tokens, max_draft, temperature, accepted)), each step committing one token per
     request (tokens never repeat: no suffix drafts): ``s``'s drafts and their
-    distributions. ``clock``: steps with drafts take twice as long."""
+    distributions. ``part``: the part of the method the payoff gate runs."""
     companions = companions or {}
     seq = np.random.default_rng(1).permutation(V - 1)       # no token twice
     n = 9
@@ -324,47 +313,35 @@ def seeded_run(p, steps=6, companions=None, clock=None, temperature=0.8):
             reqs.append(DraftRequest(r, toks, 3, toks[-1:], md,
                                      num_accepted=acc if step else None, temperature=temp))
         trees = p.propose(reqs, StepContext(hidden_states=[hs[r.req_id] for r in reqs],
-                                            batch_tokens=len(reqs)))
+                                            batch_tokens=len(reqs), part=part))
         t = trees[0]
         out.append((list(t.tokens), None if t.draft_dists is None else t.draft_dists.copy()))
         for r in reqs:
             pos = len(r.token_ids) - 1
             hs[r.req_id] = states([pos], seed=1000 * len(r.req_id) + pos)
-        if clock is not None:
-            clock.t += 2.0 if any(len(x) for x in trees) else 1.0
     return out
 
 
 @pytest.mark.parametrize("temperature", [0.8, 0.0])
 def test_seeded_request_drafts_the_same_whatever_else_the_proposer_serves(
-        checkpoint, monkeypatch, temperature):
+        checkpoint, temperature):
     """A seeded (isolated) request's drafts and their distributions are a function of its
     own tokens and seed: the same on a fresh proposer, beside other requests with longer
-    blocks, and after traffic that closed the payoff gate and fed the calibrators."""
-    from spec_plugins import clock as wall_clock
-
-    class Clock:
-        t = 0.0
-
-        def __call__(self):
-            return self.t
-
-    clock = Clock()
-    monkeypatch.setattr(wall_clock, "now", clock)
+    blocks, in steps where the payoff gate runs the suffix side alone, and after traffic
+    that fed the calibrators."""
     alone = seeded_run(proposer(checkpoint, topk=2), temperature=temperature)
     assert all(len(tokens) for tokens, _ in alone)
     # Beside requests whose blocks are longer (all accepted) or shorter (max_draft 2).
     beside = seeded_run(proposer(checkpoint, topk=2), temperature=temperature,
                         companions={"xx": (30, 8, 0.0, 8), "yyy": (9, 2, 0.7, 2)})
-    # After traffic whose drafts were never accepted and whose cycles with drafts took
-    # twice as long: the payoff gate is closed and the calibrators have learnt.
+    # After traffic whose drafts were never accepted (the calibrators have learnt), in
+    # steps that run the suffix side alone.
     busy = proposer(checkpoint, topk=2)
-    seeded_run(busy, steps=40, clock=clock, temperature=0.5,
+    seeded_run(busy, steps=40, temperature=0.5,
                companions={"g": (12, 8, 0.0, 0), "h": (20, 3, 0.9, 0)})
     for name in list(busy._requests):
         busy.finish(name)
-    assert not busy.gate.begin([request(r) for r in "abc"], 3)   # drafting does not pay
-    after = seeded_run(busy, clock=clock, temperature=temperature,
+    after = seeded_run(busy, temperature=temperature, part=1,
                        companions={"xx": (30, 8, 0.0, 8)})
     for run in (beside, after):
         for (ta, da), (tb, db) in zip(alone, run):

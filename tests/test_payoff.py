@@ -1,0 +1,94 @@
+"""The payoff gate on a simulated clock: each arm (a part of a method, or running
+without it) costs a fixed time per cycle and commits a fixed number of tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from spec_plugins import clock
+from spec_plugins.payoff import Backoff, PayoffGate
+
+
+@dataclass
+class Req:
+    new_tokens: list
+
+
+class Sim:
+    """Decoding cycles of one batch of ``batch`` requests; ``costs[arm]`` = (seconds,
+    tokens per request) of a cycle that ran ``arm``."""
+
+    def __init__(self, monkeypatch, gate: PayoffGate, batch: int = 1):
+        self.t, self.gate, self.batch = 0.0, gate, batch
+        self.tokens = 1
+        monkeypatch.setattr(clock, "now", lambda: self.t)
+
+    def run(self, cycles: int, costs: dict[int, tuple[float, int]]) -> tuple[list[int], float]:
+        arms, start = [], self.t
+        for _ in range(cycles):
+            arm = self.gate.begin([Req([0] * self.tokens)] * self.batch)
+            self.gate.end(arm)
+            seconds, self.tokens = costs[arm]
+            self.t += seconds
+            arms.append(arm)
+        return arms, self.t - start
+
+
+def test_the_fastest_part_runs_and_the_others_are_remeasured_rarely(monkeypatch):
+    gate = PayoffGate(("block pass", "suffix side"), window=4)
+    assert gate.off == 2
+    sim = Sim(monkeypatch, gate)
+    # Each arm is measured once, the fullest first.
+    costs = {0: (1.5, 3), 1: (1.2, 3), 2: (1.0, 1)}    # 0.5, 0.4 and 1.0 s per token
+    arms, _ = sim.run(12, costs)
+    assert arms == [0] * 4 + [1] * 4 + [2] * 4
+    arms, seconds = sim.run(2000, costs)
+    assert arms.count(1) > 0.95 * len(arms)
+    # What re-measuring the others cost against running the fastest alone.
+    assert seconds < 1.04 * 2000 * 1.2
+    assert "batch 1 with suffix side 2.5 tok/s" in gate.describe()
+
+
+def test_a_method_that_loses_costs_at_most_the_overhead_bound(monkeypatch):
+    gate = PayoffGate(window=16, max_overhead=0.03)
+    sim = Sim(monkeypatch, gate, batch=40)
+    costs = {0: (2.0, 1), 1: (1.0, 1)}       # drafting twice as slow, nothing accepted
+    sim.run(64, costs)                        # measured once each, then a few bursts
+    arms, seconds = sim.run(4000, costs)
+    assert arms.count(0) < 0.04 * len(arms)
+    assert seconds < 1.04 * 4000
+    assert "batch 32-63 without it 40.0 tok/s" in gate.describe()
+    # Drafting gets cheap: a burst finds out within the wait the cost bound allows.
+    cheap = {0: (1.2, 4), 1: (1.0, 1)}
+    arms, _ = sim.run(2000, cheap)
+    assert arms[-200:].count(0) > 0.9 * 200
+    # and when it loses again, it is off after its next window.
+    arms, _ = sim.run(100, costs)
+    assert arms[-50:].count(0) < 5
+
+
+def test_cycles_not_counted_and_a_changed_drafter(monkeypatch):
+    gate = PayoffGate(window=4)
+    sim = Sim(monkeypatch, gate)
+    sim.run(8, {0: (3.0, 1), 1: (1.0, 1)})
+    assert gate.begin([Req([0])]) == 1        # measured slower: off
+    gate.end(None)                             # e.g. a search ran: not timed
+    sim.t += 100.0
+    assert gate.begin([Req([0] * 50)]) == 1
+    assert "without it 1.0 tok/s" in gate.describe()
+    gate.end(1)
+    gate.forget_drafting()                     # a new drafter is measured first
+    arms, _ = sim.run(6, {0: (3.0, 1), 1: (1.0, 1)})
+    assert arms == [0] * 4 + [1] * 2
+
+
+def test_backoff_doubles_while_it_does_not_pay():
+    b = Backoff(2, cap=8)
+    assert [b.due() for _ in range(4)] == [False, True, False, True]
+    for _ in range(3):
+        b.paid(False)
+    assert b.every == 8
+    b.paid(True)
+    assert b.every == 2
