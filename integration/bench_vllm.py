@@ -24,7 +24,8 @@ any of those flags given explicitly overrides the preset.
 one after another: the fairest comparison of close figures on a noisy machine.
 
 Layer-skip methods also get the choices they logged (layer set, exit layers, acceptance
-per exit layer, draft and verify costs) printed after the tables.
+per exit layer, draft and verify costs) printed after the tables, and every method what
+its payoff gate decided per batch-size class.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ SWEEP_CONFIGS = ["vanilla", "vanilla-sync", "ngram", "suffix-chain", "suffix-tre
                  "recycling-chain", "recycling-tree", "swift", "del", "dflash-suffix"]
 PREEMPTIONS = "vllm:num_preemptions_total"
 # The choices a method logs: which layers it drafts with, what it measured.
-CHOICE_LOGS = re.compile(r"spec_plugins: (swift chose skip layers .*|del exit layers chosen .*)")
+# And what the payoff gate runs per batch-size class, each time that changes.
+CHOICE_LOGS = re.compile(r"spec_plugins: (swift chose skip layers .*|del exit layers chosen .*"
+                         r"|\S+ payoff gate: batch .*)")
+GATE_LOG = "payoff gate: batch"
 
 
 # --draft-off: every request asks for no drafts (spec_plugins' per-request control), so a
@@ -305,11 +309,15 @@ def main():
     totals = totals_of(res, a.configs, a.categories, a.concurrency)
     print_tables(rows, totals, res, a.configs)
     for c in a.configs:
-        if choices[c]:
+        picks = [line for line in choices[c] if GATE_LOG not in line]
+        if picks:
             # First and last: the choice early in the run and where it ended.
-            print(f"\n{c}, first logged choice: {choices[c][0]}")
-            if len(choices[c]) > 1:
-                print(f"{c}, last logged choice: {choices[c][-1]}")
+            print(f"\n{c}, first logged choice: {picks[0]}")
+            if len(picks) > 1:
+                print(f"{c}, last logged choice: {picks[-1]}")
+        gate = [line for line in choices[c] if GATE_LOG in line]
+        if gate:
+            print(f"\n{c}, payoff gate decisions in turn:\n  " + "\n  ".join(gate))
     if a.json:
         write_json(a.json, rows, totals, {"choices": choices, "run": run_info(a, "vllm")})
     if a.plot:

@@ -13,7 +13,7 @@ of the method it serves.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from spec_plugins import clock
 
@@ -65,15 +65,19 @@ class PayoffGate:
     concurrent costs at most that share.
 
     Per ``propose``: ``arm = gate.begin(requests)`` (``gate.off``: do not run the method),
-    run it, then ``gate.end(arm)`` (``None``: a cycle not to count).
+    run it, then ``gate.end(arm)`` (``None``: a cycle not to count). ``on_decision`` is
+    called with a line saying what a batch-size class runs whenever that changes.
 
     Every cycle of a batch-size class counts, prefills and arrivals included: at 32 or 64
     concurrent a request joins or leaves nearly every step, and every arm sees the same
     mix of prefills per committed token over a window."""
 
     def __init__(self, parts: Sequence[str] = ("the method",), window: int = 16,
-                 retry_every: int = 16, max_overhead: float = 0.03):
+                 retry_every: int = 16, max_overhead: float = 0.03,
+                 on_decision: Callable[[str], None] | None = None):
         self.parts = tuple(parts)
+        self.on_decision = on_decision
+        self._best: dict[int, int] = {}                  # class -> arm it runs
         self.off = len(self.parts)          # the last arm: without the method
         self.window, self.max_overhead = window, max_overhead
         self.retry_every = retry_every
@@ -136,6 +140,12 @@ class PayoffGate:
             if rate is None:
                 return arm                  # every arm measured once, the fullest first
         best = min(range(self.off + 1), key=rates.__getitem__)
+        if self._best.get(bucket) != best:
+            self._best[bucket] = best
+            if self.on_decision is not None:
+                self.on_decision(f"batch {self._size(bucket)} runs {self._arm(best)} ("
+                                 + ", ".join(f"{self._arm(a)} {1 / r:.1f} tok/s"
+                                             for a, r in enumerate(rates)) + ")")
         for arm, rate in enumerate(rates):
             key = (arm, bucket)
             wait = self._waits.setdefault(key, Backoff(self.retry_every, cap=RETRY_CAP))
@@ -154,14 +164,17 @@ class PayoffGate:
                 return arm
         return best
 
+    def _size(self, bucket: int) -> str:
+        lo = 1 << (bucket - 1)
+        return f"{lo}+" if lo >= self.MAX_CLASS else f"{lo}-{2 * lo - 1}" if lo > 1 else "1"
+
+    def _arm(self, arm: int) -> str:
+        return "without it" if arm == self.off else f"with {self.parts[arm]}"
+
     def describe(self) -> str:
         parts = []
         for arm, b in sorted(self.cycles, key=lambda k: (k[1], k[0])):
             spt = self._rate(arm, b)
             if spt is not None:
-                lo = 1 << (b - 1)
-                size = (f"{lo}+" if lo >= self.MAX_CLASS else
-                        f"{lo}-{2 * lo - 1}" if lo > 1 else "1")
-                what = "without it" if arm == self.off else f"with {self.parts[arm]}"
-                parts.append(f"batch {size} {what} {1 / spt:.1f} tok/s")
+                parts.append(f"batch {self._size(b)} {self._arm(arm)} {1 / spt:.1f} tok/s")
         return "measured: " + (", ".join(parts) or "nothing yet")

@@ -37,7 +37,8 @@ class Sim:
 
 
 def test_the_fastest_part_runs_and_the_others_are_remeasured_rarely(monkeypatch):
-    gate = PayoffGate(("block pass", "suffix side"), window=4)
+    decisions = []
+    gate = PayoffGate(("block pass", "suffix side"), window=4, on_decision=decisions.append)
     assert gate.off == 2
     sim = Sim(monkeypatch, gate)
     # Each arm is measured once, the fullest first.
@@ -49,10 +50,13 @@ def test_the_fastest_part_runs_and_the_others_are_remeasured_rarely(monkeypatch)
     # What re-measuring the others cost against running the fastest alone.
     assert seconds < 1.04 * 2000 * 1.2
     assert "batch 1 with suffix side 2.5 tok/s" in gate.describe()
+    assert decisions == ["batch 1 runs with suffix side (with block pass 2.0 tok/s, with "
+                         "suffix side 2.5 tok/s, without it 1.0 tok/s)"]
 
 
 def test_a_method_that_loses_costs_at_most_the_overhead_bound(monkeypatch):
-    gate = PayoffGate(window=16, max_overhead=0.03)
+    decisions = []
+    gate = PayoffGate(window=16, max_overhead=0.03, on_decision=decisions.append)
     sim = Sim(monkeypatch, gate, batch=40)
     costs = {0: (2.0, 1), 1: (1.0, 1)}       # drafting twice as slow, nothing accepted
     sim.run(64, costs)                        # measured once each, then a few bursts
@@ -67,6 +71,9 @@ def test_a_method_that_loses_costs_at_most_the_overhead_bound(monkeypatch):
     # and when it loses again, it is off after its next window.
     arms, _ = sim.run(100, costs)
     assert arms[-50:].count(0) < 5
+    assert [d.split(" (")[0] for d in decisions] == [
+        "batch 32-63 runs without it", "batch 32-63 runs with the method",
+        "batch 32-63 runs without it"]
 
 
 def test_cycles_not_counted_and_a_changed_drafter(monkeypatch):

@@ -110,7 +110,8 @@ class AdapterSession:
         self.states = CommittedStatesQueue()
         self.requests: dict[str, RequestRecord] = {}
         self._logged: set[str] = set()
-        self.gate = (PayoffGate(self.proposer.parts, window=GATE_WINDOW)
+        self.gate = (PayoffGate(self.proposer.parts, window=GATE_WINDOW,
+                                on_decision=self._log_decision)
                      if getattr(self.proposer.options, "payoff_gate", True) else None)
         self._drafter_version = self.proposer.drafter_version
         self._proposals = 0
@@ -218,6 +219,9 @@ class AdapterSession:
             return 0
         gate.end(arm)
         return None if arm == gate.off else arm
+
+    def _log_decision(self, line: str) -> None:
+        self.logger.info("spec_plugins: %s payoff gate: %s", self.method, line)
 
     def _log_gate(self) -> None:
         self._proposals += 1
