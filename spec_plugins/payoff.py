@@ -13,13 +13,14 @@ of the method it serves.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Hashable, Protocol, Sequence
 
 from spec_plugins import clock
 
 
 class CycleRequest(Protocol):
     """What the gate reads of a request (``proposers.base.DraftRequest`` has it)."""
+    req_id: Hashable
     new_tokens: Sequence[int]
 
 
@@ -70,7 +71,9 @@ class PayoffGate:
 
     Every cycle of a batch-size class counts, prefills and arrivals included: at 32 or 64
     concurrent a request joins or leaves nearly every step, and every arm sees the same
-    mix of prefills per committed token over a window."""
+    mix of prefills per committed token over a window. A cycle none of whose requests ran
+    in the cycle before spans idle time (the server waited for a request), not decoding,
+    and does not count."""
 
     def __init__(self, parts: Sequence[str] = ("the method",), window: int = 16,
                  retry_every: int = 16, max_overhead: float = 0.03,
@@ -87,6 +90,7 @@ class PayoffGate:
         self._count: dict[int, int] = {}                 # class -> cycles so far
         self._burst: dict[int, tuple[int, int]] = {}     # class -> (arm, cycles left)
         self._batch = 0
+        self._ids: set = set()                           # the last cycle's requests
         self._start = 0.0
         self._last: tuple[float, int, int] | None = None
 
@@ -107,12 +111,12 @@ class PayoffGate:
 
     def begin(self, requests: Sequence[CycleRequest]) -> int:
         now = clock.now()
-        if self._last is not None:
+        ids = {r.req_id for r in requests}
+        if self._last is not None and not ids.isdisjoint(self._ids):
             t0, arm, b = self._last
             d = self.cycles.setdefault((arm, self._bucket(b)), deque(maxlen=self.window))
-            if not d or (now - t0) < 5 * d[-1][0]:   # longer: idle server, not decoding
-                d.append((now - t0, sum(len(r.new_tokens) for r in requests)))
-        self._start, self._batch = now, len(requests)
+            d.append((now - t0, sum(len(r.new_tokens) for r in requests)))
+        self._start, self._batch, self._ids = now, len(requests), ids
         return self._choose(self._bucket(len(requests)))
 
     def end(self, arm: int | None) -> None:

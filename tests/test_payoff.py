@@ -13,6 +13,7 @@ from spec_plugins.payoff import Backoff, PayoffGate
 
 @dataclass
 class Req:
+    req_id: str
     new_tokens: list
 
 
@@ -28,7 +29,8 @@ class Sim:
     def run(self, cycles: int, costs: dict[int, tuple[float, int]]) -> tuple[list[int], float]:
         arms, start = [], self.t
         for _ in range(cycles):
-            arm = self.gate.begin([Req([0] * self.tokens)] * self.batch)
+            arm = self.gate.begin([Req(f"r{i}", [0] * self.tokens)
+                                   for i in range(self.batch)])
             self.gate.end(arm)
             seconds, self.tokens = costs[arm]
             self.t += seconds
@@ -80,10 +82,14 @@ def test_cycles_not_counted_and_a_changed_drafter(monkeypatch):
     gate = PayoffGate(window=4)
     sim = Sim(monkeypatch, gate)
     sim.run(8, {0: (3.0, 1), 1: (1.0, 1)})
-    assert gate.begin([Req([0])]) == 1        # measured slower: off
+    assert gate.begin([Req("r0", [0])]) == 1  # measured slower: off
     gate.end(None)                             # e.g. a search ran: not timed
     sim.t += 100.0
-    assert gate.begin([Req([0] * 50)]) == 1
+    assert gate.begin([Req("r0", [0] * 50)]) == 1
+    gate.end(1)
+    # The server idles; the next request's cycle spans the wait: not timed either.
+    sim.t += 100.0
+    assert gate.begin([Req("r1", [0])]) == 1
     assert "without it 1.0 tok/s" in gate.describe()
     gate.end(1)
     gate.forget_drafting()                     # a new drafter is measured first
