@@ -44,6 +44,9 @@ class Backoff:
         self.every = self.start if yes else min(self.every * 2, self.cap)
 
 
+# A cycle this many of the class's shortest typical cycles longer than its arm's typical
+# cycle carries a prompt's prefill (or a pause), not decoding: it is not counted.
+IDLE_EXCESS = 4.0
 # The longest wait (cycles of a batch-size class) before an arm that was slower is
 # re-measured (unless its cost bound asks for longer).
 RETRY_CAP = 4096
@@ -71,9 +74,13 @@ class PayoffGate:
 
     Every cycle of a batch-size class counts, prefills and arrivals included: at 32 or 64
     concurrent a request joins or leaves nearly every step, and every arm sees the same
-    mix of prefills per committed token over a window. A cycle none of whose requests ran
-    in the cycle before spans idle time (the server waited for a request), not decoding,
-    and does not count."""
+    mix of prefills per committed token over a window. Not counted: a cycle none of whose
+    requests ran in the cycle before (it spans idle time: the server waited for a
+    request), and a cycle longer than its arm's typical (median) cycle by more than
+    ``IDLE_EXCESS`` times the class's shortest typical cycle (a long prompt's prefill
+    chunk). The excess is measured in the same seconds for every arm, so a prefill that
+    one arm drops the others drop too: a bound relative to each arm's own cycle would keep
+    more of them in the slower arms."""
 
     def __init__(self, parts: Sequence[str] = ("the method",), window: int = 16,
                  retry_every: int = 16, max_overhead: float = 0.03,
@@ -103,11 +110,21 @@ class PayoffGate:
         return min(batch, cls.MAX_CLASS).bit_length()
 
     def _rate(self, arm: int, bucket: int) -> float | None:
-        """Seconds per token over the window, None until the window is full."""
+        """Seconds per token over the window, None until the window is full; cycles that
+        carried a long prefill (see the class docstring) left out."""
         d = self.cycles.get((arm, bucket))
         if d is None or len(d) < self.window:
             return None
-        return sum(s for s, _ in d) / max(sum(t for _, t in d), 1)
+        typical = self._typical(d)
+        floor = min(self._typical(c) for (a, b), c in self.cycles.items()
+                    if b == bucket and c)
+        kept = [(s, t) for s, t in d if s - typical < IDLE_EXCESS * floor]
+        return sum(s for s, _ in kept) / max(sum(t for _, t in kept), 1)
+
+    @staticmethod
+    def _typical(d: deque) -> float:
+        """The median cycle of a window."""
+        return sorted(s for s, _ in d)[len(d) // 2]
 
     def begin(self, requests: Sequence[CycleRequest]) -> int:
         now = clock.now()

@@ -26,14 +26,16 @@ class Sim:
         self.tokens = 1
         monkeypatch.setattr(clock, "now", lambda: self.t)
 
-    def run(self, cycles: int, costs: dict[int, tuple[float, int]]) -> tuple[list[int], float]:
+    def run(self, cycles: int, costs: dict[int, tuple[float, int]], prefill: float = 0.0,
+            every: int = 0) -> tuple[list[int], float]:
+        """``prefill``: seconds one cycle in ``every`` spends on a prompt besides."""
         arms, start = [], self.t
-        for _ in range(cycles):
+        for i in range(cycles):
             arm = self.gate.begin([Req(f"r{i}", [0] * self.tokens)
                                    for i in range(self.batch)])
             self.gate.end(arm)
             seconds, self.tokens = costs[arm]
-            self.t += seconds
+            self.t += seconds + (prefill if every and i % every == every - 1 else 0.0)
             arms.append(arm)
         return arms, self.t - start
 
@@ -76,6 +78,19 @@ def test_a_method_that_loses_costs_at_most_the_overhead_bound(monkeypatch):
     assert [d.split(" (")[0] for d in decisions] == [
         "batch 32-63 runs without it", "batch 32-63 runs with the method",
         "batch 32-63 runs without it"]
+
+
+def test_long_prefills_are_dropped_from_every_arm_alike(monkeypatch):
+    """A long prompt's prefill every 5th cycle (8 s, where decoding takes 1-2 s) is not
+    counted in either arm, so the comparison is of decoding; a short one (0.5 s) counts in
+    both."""
+    gate = PayoffGate(window=16)
+    sim = Sim(monkeypatch, gate)
+    sim.run(400, {0: (2.0, 3), 1: (1.0, 1)}, prefill=8.0, every=5)
+    assert "with the method 1.5 tok/s" in gate.describe()
+    assert "without it 1.0 tok/s" in gate.describe()
+    sim.run(400, {0: (2.0, 3), 1: (1.0, 1)}, prefill=0.5, every=4)
+    assert "with the method 1.4 tok/s" in gate.describe()   # 3 tokens in 2.125 s a cycle
 
 
 def test_cycles_not_counted_and_a_changed_drafter(monkeypatch):
