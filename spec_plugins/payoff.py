@@ -47,6 +47,8 @@ class Backoff:
 # A cycle this many of the class's shortest typical cycles longer than its arm's typical
 # cycle carries a prompt's prefill (or a pause), not decoding: it is not counted.
 IDLE_EXCESS = 4.0
+# What a class runs changes only for an arm this much faster (seconds per token).
+SWITCH_MARGIN = 0.02
 # The longest wait (cycles of a batch-size class) before an arm that was slower is
 # re-measured (unless its cost bound asks for longer).
 RETRY_CAP = 4096
@@ -161,7 +163,10 @@ class PayoffGate:
             if rate is None:
                 return arm                  # every arm measured once, the fullest first
         best = min(range(self.off + 1), key=rates.__getitem__)
-        if self._best.get(bucket) != best:
+        runs = self._best.get(bucket)
+        if runs is not None and rates[runs] <= rates[best] * (1 + SWITCH_MARGIN):
+            best = runs     # not measurably slower: keep it (no flapping at break-even)
+        if runs != best:
             self._best[bucket] = best
             if self.on_decision is not None:
                 self.on_decision(f"batch {self._size(bucket)} runs {self._arm(best)} ("

@@ -80,6 +80,16 @@ def test_a_method_that_loses_costs_at_most_the_overhead_bound(monkeypatch):
         "batch 32-63 runs without it"]
 
 
+def test_at_break_even_the_class_keeps_what_it_runs(monkeypatch):
+    decisions = []
+    gate = PayoffGate(window=16, on_decision=decisions.append)
+    sim = Sim(monkeypatch, gate, batch=20)
+    # 1% apart either way, turn by turn: within the margin, no switch back and forth.
+    for cost in [(1.01, 1), (0.99, 1)] * 10:
+        sim.run(200, {0: cost, 1: (1.0, 1)})
+    assert len(decisions) <= 2
+
+
 def test_long_prefills_are_dropped_from_every_arm_alike(monkeypatch):
     """A long prompt's prefill every 5th cycle (8 s, where decoding takes 1-2 s) is not
     counted in either arm, so the comparison is of decoding; a short one (0.5 s) counts in
