@@ -58,7 +58,7 @@ class PayoffGate:
     """Which way of running a method pays, measured rather than modelled: wall seconds per
     committed token over whole decoding cycles (one ``propose`` call to the next: drafting
     plus the engine step), per batch-size class, for each *arm*: the method's parts
-    (``parts``, fullest first, e.g. ``("block pass and suffix", "suffix only")``) and,
+    (``parts``, fullest first, e.g. ``("the block pass", "the suffix side alone")``) and,
     last, running without it. The cost models behind :func:`best_length` miss what a step
     with drafts costs beyond its forward (rejection sampling, bookkeeping, a busy
     machine); this gate catches it.
@@ -98,10 +98,10 @@ class PayoffGate:
         self._due: dict[tuple[int, int], int] = {}       # (arm, class) -> cycle count due
         self._count: dict[int, int] = {}                 # class -> cycles so far
         self._burst: dict[int, tuple[int, int]] = {}     # class -> (arm, cycles left)
-        self._batch = 0
+        self._class = 0                                  # this cycle's batch class
         self._ids: set = set()                           # the last cycle's requests
         self._start = 0.0
-        self._last: tuple[float, int, int] | None = None
+        self._last: tuple[float, int, int] | None = None # (start, arm, class)
 
     # Batch-size classes: 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64+ (a method that pays at 8
     # concurrent may not at 32: the step is compute-bound there).
@@ -111,35 +111,33 @@ class PayoffGate:
     def _bucket(cls, batch: int) -> int:
         return min(batch, cls.MAX_CLASS).bit_length()
 
-    def _rate(self, arm: int, bucket: int) -> float | None:
-        """Seconds per token over the window, None until the window is full; cycles that
-        carried a long prefill (see the class docstring) left out."""
-        d = self.cycles.get((arm, bucket))
-        if d is None or len(d) < self.window:
-            return None
-        typical = self._typical(d)
-        floor = min(self._typical(c) for (a, b), c in self.cycles.items()
-                    if b == bucket and c)
-        kept = [(s, t) for s, t in d if s - typical < IDLE_EXCESS * floor]
-        return sum(s for s, _ in kept) / max(sum(t for _, t in kept), 1)
-
-    @staticmethod
-    def _typical(d: deque) -> float:
-        """The median cycle of a window."""
-        return sorted(s for s, _ in d)[len(d) // 2]
+    def _rates(self, bucket: int) -> list[float | None]:
+        """Per arm, seconds per token over its window in the class, None until the window
+        is full; cycles that carried a long prefill (see the class docstring) left out."""
+        windows = [self.cycles.get((arm, bucket)) or () for arm in range(self.off + 1)]
+        typical = [sorted(s for s, _ in d)[len(d) // 2] if d else None for d in windows]
+        known = [t for t in typical if t is not None]
+        rates: list[float | None] = []
+        for d, median in zip(windows, typical):
+            if len(d) < self.window:
+                rates.append(None)
+                continue
+            kept = [(s, t) for s, t in d if s - median < IDLE_EXCESS * min(known)]
+            rates.append(sum(s for s, _ in kept) / max(sum(t for _, t in kept), 1))
+        return rates
 
     def begin(self, requests: Sequence[CycleRequest]) -> int:
         now = clock.now()
         ids = {r.req_id for r in requests}
         if self._last is not None and not ids.isdisjoint(self._ids):
-            t0, arm, b = self._last
-            d = self.cycles.setdefault((arm, self._bucket(b)), deque(maxlen=self.window))
+            t0, arm, bucket = self._last
+            d = self.cycles.setdefault((arm, bucket), deque(maxlen=self.window))
             d.append((now - t0, sum(len(r.new_tokens) for r in requests)))
-        self._start, self._batch, self._ids = now, len(requests), ids
-        return self._choose(self._bucket(len(requests)))
+        self._start, self._class, self._ids = now, self._bucket(len(requests)), ids
+        return self._choose(self._class)
 
     def end(self, arm: int | None) -> None:
-        self._last = None if arm is None else (self._start, arm, self._batch)
+        self._last = None if arm is None else (self._start, arm, self._class)
 
     def forget_drafting(self) -> None:
         """The drafter changed (e.g. a new layer set): measure its arms afresh."""
@@ -158,7 +156,7 @@ class PayoffGate:
             else:
                 del self._burst[bucket]
             return arm
-        rates = [self._rate(arm, bucket) for arm in range(self.off + 1)]
+        rates = self._rates(bucket)
         for arm, rate in enumerate(rates):
             if rate is None:
                 return arm                  # every arm measured once, the fullest first
@@ -199,8 +197,8 @@ class PayoffGate:
 
     def describe(self) -> str:
         parts = []
-        for arm, b in sorted(self.cycles, key=lambda k: (k[1], k[0])):
-            spt = self._rate(arm, b)
-            if spt is not None:
-                parts.append(f"batch {self._size(b)} {self._arm(arm)} {1 / spt:.1f} tok/s")
+        for b in sorted({b for _, b in self.cycles}):
+            for arm, spt in enumerate(self._rates(b)):
+                if spt is not None:
+                    parts.append(f"batch {self._size(b)} {self._arm(arm)} {1 / spt:.1f} tok/s")
         return "measured: " + (", ".join(parts) or "nothing yet")
