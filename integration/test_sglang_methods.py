@@ -40,7 +40,9 @@ def spec_flags(method: str, width: int) -> list[str]:
 CONFIGS = {
     "suffix-chain": (spec_flags("suffix", 9), {"tree": False}),
     "suffix-tree": (spec_flags("suffix", 17), {"tree": True}),
-    "recycling-tree": (spec_flags("recycling", 17), {"tree": True}),
+    # Recycling's drafts rarely pay on this model, so its payoff gate may switch it off
+    # before any is accepted: pinned on, as this test is about its verified drafts.
+    "recycling-tree": (spec_flags("recycling", 17), {"tree": True, "payoff_gate": False}),
 }
 
 
@@ -56,8 +58,7 @@ def test_greedy_equals_sglang_without_speculation(sglang_vanilla, default_model,
         assert_outputs_equal(sglang_vanilla[0], [b[0] for b in batch1], f"{name}, batch 1")
         assert_outputs_equal(sglang_vanilla[1], [b[0] for b in batch8], f"{name}, 8 concurrent")
         # Drafts were verified and accepted (over both runs: recycling's drafts are rarely
-        # right on this model, and its budget may draft little at batch 1); suffix copies
-        # the code edits' input.
+        # right on this model); suffix copies the code edits' input.
         details = [b[1] for b in batch1]
         assert sum(d["spec_num_correct_drafts"] for d in details + [b[1] for b in batch8]) > 0
         if name.startswith("suffix"):
