@@ -66,9 +66,9 @@ def assert_outputs_equal(expected, got, label: str) -> None:
         assert s == v, f"{label}, prompt {i}: output differs from vanilla"
 
 
-def check_aborts_leave_others_intact(url, vanilla) -> None:
-    """Abort the first 4 conversations mid-stream while the other 4 run: those must equal
-    vanilla's 8-concurrent outputs; then the aborted prompts, re-sent (their cached
+def check_aborts_leave_others_intact(url, vanilla, conversations=CONVERSATIONS) -> None:
+    """Abort the first 4 of 8 conversations mid-stream while the other 4 run: those must
+    equal vanilla's 8-concurrent outputs; then the aborted prompts, re-sent (their cached
     blocks reused by prefix caching), must equal vanilla's batch-1 outputs."""
     import openai
 
@@ -84,14 +84,14 @@ def check_aborts_leave_others_intact(url, vanilla) -> None:
         stream.close()  # the server aborts the request mid-generation
 
     with ThreadPoolExecutor(8) as pool:
-        aborted = [pool.submit(abandoned, m) for m in CONVERSATIONS[:4]]
-        kept = [pool.submit(complete, url, m, temperature=0) for m in CONVERSATIONS[4:]]
+        aborted = [pool.submit(abandoned, m) for m in conversations[:4]]
+        kept = [pool.submit(complete, url, m, temperature=0) for m in conversations[4:8]]
         for f in aborted:
             f.result()
         for i, f in enumerate(kept):
             assert f.result() == vanilla[1][4 + i], f"prompt {4 + i} changed by aborts"
     for i in range(4):
-        assert complete(url, CONVERSATIONS[i], temperature=0) == vanilla[0][i], \
+        assert complete(url, conversations[i], temperature=0) == vanilla[0][i], \
             f"prompt {i} re-sent after its abort"
 
 
@@ -100,14 +100,14 @@ SEEDS = (1234, 4321)
 
 
 def check_seeded_sampling(url, greedy, prompt: int = 0, temperature: float = 0.8,
-                          **kw) -> None:
+                          conversations=CONVERSATIONS, **kw) -> None:
     """Seeded sampling is reproducible and really samples: one seed gives the same token
     ids twice, another seed other ids, and neither is the greedy output (``greedy``: the
     greedy outputs of ``CONVERSATIONS``, e.g. vanilla's at batch 1). ``prompt``:
     CONVERSATIONS[0] edits code, so drafts are accepted while sampling. ``kw``: more
     request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
     def sample(seed):
-        return complete(url, CONVERSATIONS[prompt], temperature=temperature, seed=seed, **kw)
+        return complete(url, conversations[prompt], temperature=temperature, seed=seed, **kw)
 
     first, again, other = sample(SEEDS[0]), sample(SEEDS[0]), sample(SEEDS[1])
     assert first == again, f"seed {SEEDS[0]}: two runs gave different outputs"
@@ -115,17 +115,19 @@ def check_seeded_sampling(url, greedy, prompt: int = 0, temperature: float = 0.8
     assert greedy[prompt] not in (first, other), "a sampled output equals the greedy one"
 
 
-def check_seeded_after_traffic(url, temperature: float = 0.8, seed: int = 3, **kw) -> None:
+def check_seeded_after_traffic(url, temperature: float = 0.8, seed: int = 3,
+                               conversations=CONVERSATIONS, seeded=None, **kw) -> None:
     """A seeded sampled request sent again after concurrent traffic returns the same token
     ids. The traffic (greedy, sampled and seeded requests) includes the seeded prompt
     itself, so every cross-request state (a suffix tree of earlier outputs, token
     recycling's matrix, drafter caches, calibration, the prefix cache) holds its
     continuations by then; a method whose drafts for the seeded request depended on that
     state would verify other drafts, draw other random numbers, and answer otherwise.
+    ``seeded``: the seeded conversation (default: a chat prompt outside ``conversations``).
     ``kw``: more request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
-    seeded = prompts("chat", 1, start=4)[0]
+    seeded = seeded or prompts("chat", 1, start=4)[0]
     kinds = ({"temperature": 0}, {"temperature": 0.9}, {"temperature": 0.7, "seed": 11})
-    traffic = [(m, kinds[i % 3]) for i, m in enumerate(CONVERSATIONS + [seeded] * 3)]
+    traffic = [(m, kinds[i % 3]) for i, m in enumerate(list(conversations) + [seeded] * 3)]
     first = complete(url, seeded, temperature=temperature, seed=seed, **kw)
     with ThreadPoolExecutor(len(traffic)) as pool:
         list(pool.map(lambda a: complete(url, a[0], **a[1], **kw), traffic))

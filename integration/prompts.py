@@ -10,6 +10,10 @@
   writing, translation), enough for a concurrency sweep.
 - ``mix``: the three in turn (request i is category ``i % 3``, its ``i // 3``-th prompt):
   one stream of traffic for a concurrency sweep.
+- ``image`` (for the VLM testbed, not in ``mix``): synthetic images drawn from seeds the
+  testbed's alignment never saw (``spec_plugins.tools.vlm.images.HELD_OUT_SEEDS``) with a
+  question about each, as ``image_url`` data URIs; in turn one image, two images in one
+  message, and an image in the middle of a multi-turn chat.
 
 Every category raises when asked for more prompts than it has (disjoint ranges must stay
 distinct prompts: a method with a cross-request cache would replay repeats).
@@ -83,8 +87,40 @@ def humaneval() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+# Image conversations: seeds per conversation, so disjoint ranges draw distinct images.
+_IMAGE_SEEDS_EACH = 2
+
+
+def image_prompt(i: int) -> list[dict]:
+    """The ``i``-th image conversation (see the module's doc)."""
+    from spec_plugins.tools.vlm.images import HELD_OUT_SEEDS, QUESTIONS, data_uri, draw
+
+    seed = HELD_OUT_SEEDS[0] + _IMAGE_SEEDS_EACH * i
+    a, b = draw(seed), draw(seed + 1)
+    qs = QUESTIONS[a.kind]
+    question = qs[(i // 3) % len(qs)]
+
+    def image(d):
+        return {"type": "image_url", "image_url": {"url": data_uri(d.image)}}
+
+    if i % 3 == 0:
+        return [{"role": "user", "content": [image(a), {"type": "text", "text": question}]}]
+    if i % 3 == 1:
+        return [{"role": "user", "content": [
+            image(a), image(b),
+            {"type": "text", "text": "Here are two pictures. Describe each, then say how "
+                                     "they differ."}]}]
+    return [{"role": "user", "content": "Hello! I would like to show you a picture."},
+            {"role": "assistant", "content": "Of course, please share it."},
+            {"role": "user", "content": [image(a), {"type": "text", "text": question}]},
+            {"role": "assistant", "content": "It shows simple shapes and colours."},
+            {"role": "user", "content": "Tell me more about it, in a few sentences."}]
+
+
 def size(category: str) -> int:
     """How many distinct prompts ``category`` has."""
+    if category == IMAGE:
+        return len(range(0, 1_000_000, _IMAGE_SEEDS_EACH))
     if category in ("humaneval", "code_edit"):
         # code_edit's prompt i edits problem 7i mod 164 with EDITS[i % 4]: period 164.
         return len(humaneval())
@@ -101,6 +137,8 @@ def prompts(category: str, n: int, start: int = 0) -> list[list[dict]]:
     if start + n > size(category):
         raise ValueError(f"{category}: prompts {start}..{start + n - 1} asked for, it has "
                          f"{size(category)}")
+    if category == IMAGE:
+        return [image_prompt(i) for i in range(start, start + n)]
     if category == MIX:
         return [prompts(CATEGORIES[i % len(CATEGORIES)], 1, i // len(CATEGORIES))[0]
                 for i in range(start, start + n)]
@@ -121,7 +159,8 @@ def prompts(category: str, n: int, start: int = 0) -> list[list[dict]]:
 
 CATEGORIES = ("humaneval", "code_edit", "chat")
 MIX = "mix"
-ALL = CATEGORIES + (MIX,)
+IMAGE = "image"
+ALL = CATEGORIES + (MIX, IMAGE)
 
 
 def all_user_prompts() -> list[str]:

@@ -37,6 +37,14 @@ SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 # ``client.run_preempting`` fixes the order: a 1-block and a 2-block prompt first, which
 # fill the cache, so the longer one's next block must come from a preemption.
 PREEMPTING_CACHE = ["--kv-cache-memory-bytes", "24M", "--max-model-len", "384"]
+# A multimodal checkpoint (the VLM testbed) takes up to two images per prompt
+# (``prompts.image_prompt``), vLLM's default being one.
+IMAGE_LIMIT = ["--limit-mm-per-prompt", json.dumps({"image": 2})]
+
+
+def is_multimodal(model: str) -> bool:
+    config = Path(model) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text())
 
 
 def free_port() -> int:
@@ -59,6 +67,8 @@ def serve_command(model: str, port: int, speculative_config: dict | None = None,
         cmd += ["--speculative-config", json.dumps(speculative_config)]
     if additional_config:
         cmd += ["--additional-config", json.dumps(additional_config)]
+    if is_multimodal(model) and "--limit-mm-per-prompt" not in extra:
+        cmd += IMAGE_LIMIT
     return cmd + list(extra)
 
 

@@ -6,15 +6,20 @@ the tools all read their paths here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Overrides the cache root (tests point it at a temporary directory).
 CACHE_ENV = "SPEC_PLUGINS_CACHE"
 # The embedded default model (spec_plugins.tools.default_model builds it).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The VLM testbed built on it (spec_plugins.tools.vlm).
+VLM_MODEL_NAME = "SmolLM2-135M-Idefics3-synthetic"
 
 
 def cache_root() -> Path:
@@ -27,6 +32,11 @@ def cache_root() -> Path:
 
 def default_model_dir() -> Path:
     return cache_root() / DEFAULT_MODEL_NAME
+
+
+def vlm_model_dir(align_steps: int) -> Path:
+    """The VLM testbed aligned for ``align_steps`` steps (each size is its own build)."""
+    return cache_root() / f"{VLM_MODEL_NAME}-{align_steps}"
 
 
 def training_data_dir() -> Path:
@@ -47,3 +57,20 @@ def drafter_dir(model: str | Path) -> Path:
     p = Path(model).resolve()
     key = content_key(json.loads((p / "config.json").read_text()))[:12]
     return training_data_dir() / "drafters" / f"{p.name}-{key}"
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a new directory beside ``out`` to build into; when the block ends without an
+    error it replaces ``out`` in one rename (nobody reads a half-written build, and an
+    interrupted one leaves nothing behind)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -70,6 +70,23 @@ class DraftTree:
                          None if self.dist_rows is None else self.dist_rows[:k],
                          self.draft_dists)
 
+    def without_tokens(self, banned: frozenset[int] | set[int]) -> "DraftTree":
+        """The tree without the nodes that carry a ``banned`` token and their subtrees
+        (node order kept). A sampled tree (``dist_rows``) is cut before its first banned
+        node instead: its later siblings were drawn without replacement after it, and
+        dropping it alone would change the proposal the verifier assumes."""
+        first = next((i for i, t in enumerate(self.tokens) if t in banned), None)
+        if first is None:
+            return self
+        if self.dist_rows is not None:
+            return self.prefix(first)
+        out = DraftTree()
+        new_index: dict[int, int] = {}
+        for i, (t, p, s) in enumerate(zip(self.tokens, self.parents, self.scores)):
+            if t not in banned and (p < 0 or p in new_index):
+                new_index[i] = out.add(new_index[p] if p >= 0 else -1, t, s)
+        return out
+
     # ---- queries ------------------------------------------------------
     def __len__(self) -> int:
         return len(self.tokens)

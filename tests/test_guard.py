@@ -109,3 +109,26 @@ def test_good_steps_reset_the_consecutive_count(guard):
         (t,) = guard.propose([req()], StepContext())
         assert t.tokens == [1]
     assert not guard.disabled and guard.faults_total == 5
+
+
+def test_placeholder_tokens_are_cut_out_of_drafts_without_a_fault(caplog):
+    """A VLM's image placeholder ids never reach the engine as draft tokens: a deterministic
+    tree loses those nodes and their subtrees, a sampled one is cut before the first."""
+    g = GuardedProposer(Scripted(), "scripted", logging.getLogger("test.guard"))
+    g.bind(ModelInfo(model_path="m", tokenizer_path="m", architecture="A", num_layers=2,
+                     hidden_size=8, vocab_size=V, max_model_len=64,
+                     placeholder_token_ids=frozenset({7})))
+    tree = DraftTree.empty()
+    a = tree.add(-1, 1)
+    img = tree.add(-1, 7)
+    tree.add(a, 2)
+    tree.add(img, 3)       # below a placeholder: goes with it
+    tree.add(a, 7)
+    sampled = sampled_chain(np.full((2, V), 1.0 / V))
+    sampled.tokens = [7, 4]
+    g.proposer.next = [tree, sampled, DraftTree.chain([5, 6])]
+    out = g.propose([req("a", max_draft=8), req("b"), req("c")], StepContext())
+    assert (out[0].tokens, out[0].parents) == ([1, 2], [-1, 0])
+    assert len(out[1]) == 0
+    assert out[2].tokens == [5, 6]
+    assert g.faults_total == 0 and not caplog.records

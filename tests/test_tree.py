@@ -40,3 +40,18 @@ def test_validate_rejects_broken_trees(tokens, parents, msg):
 def test_add_rejects_bad_parent():
     with pytest.raises(ValueError, match="out of range"):
         DraftTree().add(0, 1)
+
+
+def test_without_tokens_keeps_node_order_and_drops_subtrees():
+    t = DraftTree.empty()
+    a = t.add(-1, 10, 0.9)
+    b = t.add(-1, 99, 0.5)
+    c = t.add(a, 11, 0.8)
+    t.add(b, 12, 0.7)
+    t.add(c, 13, 0.6)
+    out = t.without_tokens(frozenset({99}))
+    assert out.tokens == [10, 11, 13]
+    assert out.parents == [-1, 0, 1]
+    assert out.scores == [0.9, 0.8, 0.6]
+    out.validate()
+    assert t.without_tokens(frozenset({5})) is t

@@ -11,7 +11,9 @@ instead of the proposer itself:
 - each kind of fault is logged once, with the method's name and the first message;
 - after ``max_consecutive`` faulty steps in a row, or ``max_total`` in all, the method
   is switched off for the process with one line; the engine keeps serving without
-  speculation.
+  speculation;
+- nodes carrying a placeholder token (``ModelInfo.placeholder_token_ids``: a VLM's image
+  tokens) are cut out of every draft, with their subtrees.
 
 Engine-agnostic; an exception from ``finish`` is contained the same way.
 """
@@ -31,6 +33,7 @@ class GuardedProposer:
         self.proposer, self.method, self.logger = proposer, method, logger
         self.max_consecutive, self.max_total = max_consecutive, max_total
         self.vocab_size: int | None = None
+        self.placeholders: frozenset[int] = frozenset()
         self.disabled = False
         self.faults_total = 0
         self._consecutive = 0
@@ -40,6 +43,7 @@ class GuardedProposer:
         """Model-dependent mistakes must stop start-up: ``bind`` is not guarded."""
         self.proposer.bind(model)
         self.vocab_size = model.vocab_size
+        self.placeholders = frozenset(model.placeholder_token_ids)
 
     def propose(self, requests: Sequence[DraftRequest], ctx: StepContext) -> list[DraftTree]:
         empty = [DraftTree.empty() for _ in requests]
@@ -61,6 +65,10 @@ class GuardedProposer:
                 self._fault(kind, msg, step=not faulty)
                 faulty = True
                 trees[i] = DraftTree.empty()
+            elif self.placeholders:
+                # Not a fault: an LM head may rank a placeholder id, but a draft token
+                # there would be embedded as text where the target never saw text.
+                trees[i] = tree.without_tokens(self.placeholders)
         if not faulty:
             self._consecutive = 0
         return trees

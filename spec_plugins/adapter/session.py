@@ -71,16 +71,42 @@ class RequestRecord:
         return self.temperature <= 0.0
 
 
-def model_info(model, **fields) -> ModelInfo:
+def model_info(model, decoder=None, **fields) -> ModelInfo:
     """:class:`ModelInfo` for a loaded torch target: the engine-specific ``fields`` (sizes,
-    paths, dtype) plus the target's embedding, LM head and device, read the same way for
-    every engine."""
-    inner = getattr(model, "model", None)
+    paths, dtype, placeholder ids) plus the target's embedding, LM head and device, read
+    the same way for every engine. ``decoder``: the module holding ``embed_tokens``
+    (default ``model.model``; a VLM's language model)."""
+    inner = decoder if decoder is not None else getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
     param = next(model.parameters(), None)
     return ModelInfo(device=None if param is None else param.device,
                      embed_tokens=getattr(inner, "embed_tokens", None),
                      lm_head_weight=getattr(head, "weight", None), **fields)
+
+
+# Words in a multimodal config's token fields and in a tokenizer's special tokens that
+# mark the tokens a processor puts where an image (video, audio) goes.
+_MEDIA_WORDS = ("image", "img", "video", "vision", "audio")
+
+
+def placeholder_token_ids(hf_config, tokenizer_path: str,
+                          trust_remote_code: bool = False) -> frozenset[int]:
+    """A multimodal model's placeholder ids (``ModelInfo.placeholder_token_ids``): the
+    config's ``*image*_token_id`` / ``*_token_index`` style fields and the tokenizer's
+    added tokens named for a medium (Idefics3's ``<image>``, ``<fake_token_around_image>``,
+    ``<global-img>``; Qwen-VL's ``<|vision_start|>``...)."""
+    from transformers import AutoTokenizer
+
+    ids: set[int] = set()
+    for name, value in vars(hf_config).items():
+        if (name.endswith(("_token_id", "_token_ids", "_token_index"))
+                and any(w in name for w in _MEDIA_WORDS)):
+            ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                       if isinstance(v, int) and v >= 0)
+    added = AutoTokenizer.from_pretrained(tokenizer_path,
+                                          trust_remote_code=trust_remote_code).get_added_vocab()
+    ids.update(i for text, i in added.items() if any(w in text.lower() for w in _MEDIA_WORDS))
+    return frozenset(ids)
 
 
 class AdapterSession:
@@ -120,6 +146,9 @@ class AdapterSession:
         """The target is loaded: the proposer learns about it once; model-dependent
         mistakes raise here, at start-up."""
         self.guard.bind(info)
+        if info.placeholder_token_ids:
+            self.logger.info("spec_plugins: multimodal target: no draft carries its "
+                             "placeholder token ids %s", sorted(info.placeholder_token_ids))
 
     def hidden_layers(self) -> tuple[int, ...]:
         """The target layers whose outputs the method reads (after ``bind``)."""

@@ -97,6 +97,10 @@ class ModelInfo:
     # expose them): token ids [n] -> embeddings [n, hidden]; LM head weight [vocab, hidden].
     embed_tokens: Any = None
     lm_head_weight: Any = None
+    # Token ids that stand for non-text input (a VLM's image placeholders and the tokens
+    # framing them): the embeddings there are not the token's, so no draft may carry one
+    # (the guard cuts them out) and model-free drafters must not match across them.
+    placeholder_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass

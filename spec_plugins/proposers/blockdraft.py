@@ -49,7 +49,7 @@ from spec_plugins.builders import fit_batch, union
 from spec_plugins.calibration import Calibrator
 from spec_plugins.lattice import AdaptiveLength, greedy_tree, sampled_tree, topk_lattice
 from spec_plugins.options import MethodOptions, OptionError, opt
-from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
+from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
 from spec_plugins.proposers.suffix import SuffixOptions, SuffixProposer
 from spec_plugins.tree import DraftTree
 
@@ -114,6 +114,7 @@ class BlockProposer(Proposer):
         self.calibrator = Calibrator()
         self._requests: dict[str, BlockState] = {}
         self._gen = torch.Generator()
+        self._placeholders = np.empty(0, dtype=np.int64)
         # Chains where this method drafts chains: the union of two chains is then their
         # better one (``_with_suffix``), never a branching suffix tree.
         self._suffix = (SuffixProposer(SuffixOptions(tree=self.options.tree,
@@ -121,6 +122,19 @@ class BlockProposer(Proposer):
                         if self.options.suffix else None)
         if self._suffix is not None:
             self.parts = ("the block pass", "the suffix side alone")
+
+    def bind(self, model: ModelInfo) -> None:
+        """Subclasses load their drafter after calling this."""
+        self._placeholders = np.array(sorted(model.placeholder_token_ids), dtype=np.int64)
+        if self._suffix is not None:
+            self._suffix.bind(model)
+
+    def _shareable_prefix(self, tokens: np.ndarray) -> int:
+        """Length of ``tokens`` before the first image placeholder (all if none)."""
+        if not len(self._placeholders):
+            return len(tokens)
+        hits = np.flatnonzero(np.isin(tokens, self._placeholders))
+        return int(hits[0]) if len(hits) else len(tokens)
 
     def _set_max_block(self, trained: int) -> None:
         """Called by ``bind`` with the drafter's trained block length."""

@@ -95,6 +95,7 @@ class DFlashProposer(BlockProposer):
         from spec_plugins.models import drafter_dtype
         from spec_plugins.models.dflash import DFlashDrafter
 
+        super().bind(model)
         o = self.options
         path = Path(o.drafter) if o.drafter else drafter_dir(model.model_path)
         if not (path / "config.json").is_file():
@@ -152,7 +153,9 @@ class DFlashProposer(BlockProposer):
         if not st.cached and len(st.context) == st.end >= req.num_prompt_tokens:
             # A whole prompt from position 0: keep it for requests that share a prefix.
             st.cached = True
-            n = req.num_prompt_tokens
+            # Up to the first image placeholder: the ids there are the same for every
+            # image, and a later prompt with the same ids may carry another image.
+            n = self._shareable_prefix(req.token_ids[:req.num_prompt_tokens])
             ctx = st.context
             self.prompt_cache.store(np.asarray(req.token_ids[:n]),
                                     ctx.k[:, :, :n].transpose(1, 2), ctx.v[:, :, :n].transpose(1, 2))

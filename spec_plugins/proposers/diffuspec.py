@@ -59,6 +59,7 @@ class DiffuSpecProposer(BlockProposer):
     def bind(self, model: ModelInfo) -> None:
         from spec_plugins.models.diffusion_lm import DiffusionLMDrafter
 
+        super().bind(model)
         o = self.options
         if not o.drafter:
             raise OptionError("diffuspec.drafter is required: the directory of a diffusion LM "

@@ -39,7 +39,7 @@ from typing import Sequence
 from spec_plugins.builders import best_first, fit_batch
 from spec_plugins.calibration import Calibrator
 from spec_plugins.options import MethodOptions, opt
-from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
+from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
 from spec_plugins.tree import DraftTree
 
 
@@ -54,10 +54,13 @@ class _Node:
 class SuffixTrie:
     """Every substring of length <= ``max_depth`` of the inserted sequences, with the
     number of times it occurs. Appending a token updates the ``max_depth`` substrings
-    that end at it, so building costs O(max_depth) per token."""
+    that end at it, so building costs O(max_depth) per token. ``separators`` (a VLM's
+    image placeholder ids) are never inserted and no substring spans one: a context
+    that holds one matches only after it, and no draft carries one."""
 
-    def __init__(self, max_depth: int):
+    def __init__(self, max_depth: int, separators: frozenset[int] = frozenset()):
         self.max_depth = max_depth
+        self.separators = separators
         self.root = _Node()
 
     def add_sequence(self, tokens: Sequence[int], sign: int = 1) -> None:
@@ -105,6 +108,9 @@ class _TrieCursor:
         self.active: list[_Node] = [trie.root]
 
     def append(self, token: int, sign: int = 1) -> None:
+        if token in self.trie.separators:
+            self.active = [self.trie.root]
+            return
         nxt = [self.trie.root]
         for node in self.active:
             if node.children is None:
@@ -142,8 +148,8 @@ class SuffixOptions(MethodOptions):
 class _RequestState:
     __slots__ = ("trie", "cursor", "num_tokens", "num_prompt_tokens", "output", "last")
 
-    def __init__(self, max_depth: int, num_prompt_tokens: int):
-        self.trie = SuffixTrie(max_depth)
+    def __init__(self, max_depth: int, num_prompt_tokens: int, separators: frozenset[int]):
+        self.trie = SuffixTrie(max_depth, separators)
         self.cursor = self.trie.cursor()
         self.num_tokens = 0
         self.num_prompt_tokens = num_prompt_tokens
@@ -188,17 +194,22 @@ class SuffixProposer(Proposer):
         super().__init__(options)
         o: SuffixOptions = self.options
         self._requests: dict[str, _RequestState] = {}
+        self._separators: frozenset[int] = frozenset()
         self._global = SuffixTrie(o.max_depth)
         self._global_seqs: OrderedDict[str, list[int]] = OrderedDict()
         self._global_tokens = 0
         self.calibrator = Calibrator()
+
+    def bind(self, model: ModelInfo) -> None:
+        self._separators = frozenset(model.placeholder_token_ids)
+        self._global = SuffixTrie(self.options.max_depth, self._separators)
 
     # ---- state -----------------------------------------------------------
     def _sync(self, req: DraftRequest) -> _RequestState:
         st = self._requests.get(req.req_id)
         if st is None:
             st = self._requests[req.req_id] = _RequestState(
-                self.options.max_depth, req.num_prompt_tokens)
+                self.options.max_depth, req.num_prompt_tokens, self._separators)
         # Insert whatever the engine committed since the last call.
         toks = req.token_ids
         new = toks[st.num_tokens:len(toks)].tolist()

@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spec_plugins.adapter.session import AdapterSession, RequestRecord, model_info
+from spec_plugins.adapter.session import (AdapterSession, RequestRecord, model_info,
+                                          placeholder_token_ids)
 from spec_plugins.request_controls import max_draft_tokens
 from spec_plugins.sampling import sampling_probs
 from spec_plugins.sglang.config import SUPPORTED_NEEDS, settings_from
@@ -59,11 +60,16 @@ def target_info(server_args, model_runner):
     mc = model_runner.model_config
     model = model_runner.model
     archs = getattr(mc.hf_config, "architectures", None) or [type(model).__name__]
+    tokenizer_path = server_args.tokenizer_path or server_args.model_path
+    placeholders = frozenset()
+    if mc.is_multimodal:
+        placeholders = placeholder_token_ids(mc.hf_config, tokenizer_path,
+                                             server_args.trust_remote_code)
     return model_info(
-        model, model_path=server_args.model_path,
-        tokenizer_path=server_args.tokenizer_path or server_args.model_path,
+        model, model_path=server_args.model_path, tokenizer_path=tokenizer_path,
         architecture=archs[0], num_layers=mc.num_hidden_layers, hidden_size=mc.hidden_size,
-        vocab_size=mc.vocab_size, max_model_len=mc.context_len, dtype=model_runner.dtype)
+        vocab_size=mc.vocab_size, max_model_len=mc.context_len, dtype=model_runner.dtype,
+        placeholder_token_ids=placeholders)
 
 
 def request_record(req) -> RequestRecord:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from spec_plugins.paths import DEFAULT_MODEL_NAME, default_model_dir
+from spec_plugins.paths import atomic_dir, default_model_dir
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -48,17 +46,9 @@ def build(out: Path | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.dtype = "float32"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=DEFAULT_MODEL_NAME + ".", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

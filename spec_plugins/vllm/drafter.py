@@ -31,13 +31,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from spec_plugins.adapter.session import AdapterSession, RequestRecord, model_info
+from spec_plugins.adapter.session import (AdapterSession, RequestRecord, model_info,
+                                          placeholder_token_ids)
 from spec_plugins.request_controls import max_draft_tokens
 from spec_plugins.tree import DraftTree
 from spec_plugins.verify import Verdict
 from spec_plugins.vllm import tree_step
 from spec_plugins.vllm.capture import HiddenCapture
 from spec_plugins.vllm.config import settings_from
+from spec_plugins.vllm.target_model import language_model
 from spec_plugins.vllm.version import logger
 
 SUPPORTED_NEEDS = frozenset({"target_topk", "target_model", "hidden_states"})
@@ -137,11 +139,21 @@ class VllmDrafter:
         """vLLM passes the loaded target: the proposer learns about it once (``bind``);
         model-dependent mistakes fail here, at start-up."""
         mc = self.vllm_config.model_config
+        placeholders = frozenset()
+        if mc.is_multimodal_model:
+            placeholders = placeholder_token_ids(mc.hf_config, mc.tokenizer or mc.model,
+                                                 mc.trust_remote_code)
+            if mc.uses_mrope and self.makes_trees:
+                # Tree positions are 1-D (tree_step); M-RoPE needs 3-D ones.
+                self.makes_trees = False
+                logger.info("spec_plugins: %s uses M-RoPE: drafts are chains, not trees",
+                            type(target_model).__name__)
         self.session.bind(model_info(
-            target_model, model_path=mc.model, tokenizer_path=mc.tokenizer or mc.model,
-            architecture=type(target_model).__name__,
+            target_model, decoder=language_model(target_model), model_path=mc.model,
+            tokenizer_path=mc.tokenizer or mc.model, architecture=type(target_model).__name__,
             num_layers=mc.get_total_num_hidden_layers(), hidden_size=mc.get_hidden_size(),
-            vocab_size=mc.get_vocab_size(), max_model_len=mc.max_model_len, dtype=mc.dtype))
+            vocab_size=mc.get_vocab_size(), max_model_len=mc.max_model_len, dtype=mc.dtype,
+            placeholder_token_ids=placeholders))
         if self.session.wants_model:
             from spec_plugins.vllm.target_model import VllmTargetModel
 

@@ -28,6 +28,15 @@ import torch
 from spec_plugins.vllm.version import logger
 
 
+def language_model(model):
+    """The decoder stack of ``model`` (``layers``, ``embed_tokens``, ``norm``): a VLM's
+    language model (vLLM's ``get_language_model``), else ``model.model``."""
+    from vllm.model_executor.models.interfaces import supports_multimodal
+
+    lm = model.get_language_model() if supports_multimodal(model) else model
+    return lm if hasattr(lm, "layers") else getattr(lm, "model", None)
+
+
 def _attention_name(layer) -> str:
     from vllm.model_executor.layers.attention.attention import Attention
 
@@ -43,7 +52,7 @@ class VllmTargetModel:
     """``spec_plugins.proposers.base.TargetModel`` over a vLLM model runner."""
 
     def __init__(self, model, vllm_config):
-        inner = getattr(model, "model", None)
+        inner = language_model(model)   # a VLM's language model: image KV is the target's
         layers = getattr(inner, "layers", None)
         if (layers is None or not hasattr(inner, "embed_input_ids")
                 or not hasattr(inner, "norm") or not hasattr(model, "compute_logits")):

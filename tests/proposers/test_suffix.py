@@ -291,3 +291,26 @@ def test_calibration_learns_that_the_target_rejects_what_the_counts_predict():
     (raw,) = SuffixProposer({"calibrate": False}).propose([req("x", prompt, len(prompt))],
                                                            StepContext())
     assert raw.scores[0] == 1.0
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_image_placeholders_are_never_matched_across_or_drafted(tree):
+    """Two images are the same run of placeholder ids whatever they show: what followed
+    one image must not be drafted after another, and no draft carries a placeholder."""
+    from spec_plugins.proposers.base import ModelInfo
+
+    IMG = 7
+    span = [IMG] * 6
+    prompt = [1, 2] + span + [20, 21, 22, 23] + [3] + span
+    plain = SuffixProposer({"tree": tree, "min_token_prob": 0.0})
+    seeing = SuffixProposer({"tree": tree, "min_token_prob": 0.0})
+    seeing.bind(ModelInfo(model_path="m", tokenizer_path="m", architecture="A", num_layers=2,
+                          hidden_size=8, vocab_size=32, max_model_len=64,
+                          placeholder_token_ids=frozenset({IMG})))
+    # Without separators the second image's span matches the first and drafts its text.
+    assert 20 in plain.propose([req("a", prompt, len(prompt))], StepContext())[0].tokens
+    assert len(seeing.propose([req("a", prompt, len(prompt))], StepContext())[0]) == 0
+    # Text after an image matches only text: "20 21" was seen followed by 22.
+    ctx = prompt + [20, 21]
+    out = seeing.propose([req("b", ctx, len(ctx))], StepContext())[0]
+    assert out.tokens[:2] == [22, 23] and IMG not in out.tokens

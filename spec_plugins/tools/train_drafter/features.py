@@ -5,14 +5,12 @@ disk, flat memmaps) and the target's argmax at every position."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from spec_plugins.paths import content_key, training_data_dir
+from spec_plugins.paths import atomic_dir, content_key, training_data_dir
 from spec_plugins.tools.train_drafter.console import log, progress
 from spec_plugins.tools.train_drafter.generation import Generation
 
@@ -99,56 +97,53 @@ def hidden_states(model_obj, ids, att, deepest: int):
 def extract_features(model_obj, seqs: list[list[int]], prompt_lens: list[int], layers: list[int],
                      out: Path, batch_tokens: int = 2048) -> dict:
     import torch
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    lens = [len(s) for s in seqs]
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(lens)
-    total = int(offsets[-1])
-    H = model_obj.config.hidden_size
-    F = len(layers) * H
-    tokens = np.memmap(tmp / "tokens.bin", dtype=np.int32, mode="w+", shape=(total,))
-    preds = np.memmap(tmp / "preds.bin", dtype=np.int32, mode="w+", shape=(total,))
-    states = np.memmap(tmp / "states.bin", dtype=np.uint16, mode="w+", shape=(total, F))
-    pbar = progress(total, "target features (tokens)")
-    t0 = time.time()
-    i = 0
-    while i < len(order):
-        n = max(1, batch_tokens // max(lens[order[i]], 1))
-        group = order[i:i + n]
-        i += len(group)
-        S = max(lens[g] for g in group)
-        ids = torch.zeros(len(group), S, dtype=torch.long)
-        att = torch.zeros(len(group), S, dtype=torch.long)
-        for r, g in enumerate(group):
-            ids[r, :lens[g]] = torch.tensor(seqs[g])
-            att[r, :lens[g]] = 1
-        with torch.no_grad():
-            hidden = hidden_states(model_obj, ids, att, max(layers))
-        hs = torch.cat([hidden[l + 1] for l in layers], dim=-1)  # output of layer l
-        for r, g in enumerate(group):
-            a, L = int(offsets[g]), lens[g]
-            tokens[a:a + L] = np.asarray(seqs[g], dtype=np.int32)
-            # Labels: the target's argmax at every position. The sequences are the target's
-            # own greedy continuations, so past the prompt the argmax at i is token i + 1
-            # (checked: 100% agreement between vLLM's fp32 generation and transformers'
-            # forward on SmolLM2); the forward skips the LM head and the layers above the
-            # deepest one read. The last position's prediction is unknown (-1, ignored).
-            preds[a:a + L - 1] = np.asarray(seqs[g][1:], dtype=np.int32)
-            preds[a + L - 1] = -1
-            states[a:a + L] = hs[r, :L].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            pbar.update(L)
-    pbar.close()
-    for m in (tokens, preds, states):
-        m.flush()
-    np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "prompt_lens.npy", np.asarray(prompt_lens, dtype=np.int32))
-    meta = {"feature_dim": F, "layers": layers, "hidden": H, "tokens": total,
-            "seconds": time.time() - t0, "dtype": FEATURE_DTYPE}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        lens = [len(s) for s in seqs]
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(lens)
+        total = int(offsets[-1])
+        H = model_obj.config.hidden_size
+        F = len(layers) * H
+        tokens = np.memmap(tmp / "tokens.bin", dtype=np.int32, mode="w+", shape=(total,))
+        preds = np.memmap(tmp / "preds.bin", dtype=np.int32, mode="w+", shape=(total,))
+        states = np.memmap(tmp / "states.bin", dtype=np.uint16, mode="w+", shape=(total, F))
+        pbar = progress(total, "target features (tokens)")
+        t0 = time.time()
+        i = 0
+        while i < len(order):
+            n = max(1, batch_tokens // max(lens[order[i]], 1))
+            group = order[i:i + n]
+            i += len(group)
+            S = max(lens[g] for g in group)
+            ids = torch.zeros(len(group), S, dtype=torch.long)
+            att = torch.zeros(len(group), S, dtype=torch.long)
+            for r, g in enumerate(group):
+                ids[r, :lens[g]] = torch.tensor(seqs[g])
+                att[r, :lens[g]] = 1
+            with torch.no_grad():
+                hidden = hidden_states(model_obj, ids, att, max(layers))
+            hs = torch.cat([hidden[l + 1] for l in layers], dim=-1)  # output of layer l
+            for r, g in enumerate(group):
+                a, L = int(offsets[g]), lens[g]
+                tokens[a:a + L] = np.asarray(seqs[g], dtype=np.int32)
+                # Labels: the target's argmax at every position. The sequences are the target's
+                # own greedy continuations, so past the prompt the argmax at i is token i + 1
+                # (checked: 100% agreement between vLLM's fp32 generation and transformers'
+                # forward on SmolLM2); the forward skips the LM head and the layers above the
+                # deepest one read. The last position's prediction is unknown (-1, ignored).
+                preds[a:a + L - 1] = np.asarray(seqs[g][1:], dtype=np.int32)
+                preds[a + L - 1] = -1
+                states[a:a + L] = hs[r, :L].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+                pbar.update(L)
+        pbar.close()
+        for m in (tokens, preds, states):
+            m.flush()
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "prompt_lens.npy", np.asarray(prompt_lens, dtype=np.int32))
+        meta = {"feature_dim": F, "layers": layers, "hidden": H, "tokens": total,
+                "seconds": time.time() - t0, "dtype": FEATURE_DTYPE}
+        (tmp / "meta.json").write_text(json.dumps(meta))
     return meta
 
 

@@ -1,0 +1,59 @@
+"""Image requests through real SGLang servers of the VLM testbed (``spec-plugins-vlm``,
+CI's size). SGLang has no Idefics3 model of its own: it serves the testbed through its
+Transformers backend (``--model-impl transformers``), image processor included.
+
+Suffix trees (model-free, like every method this backend can run: it captures no hidden
+states, so ``dflash`` refuses at start-up) give SGLang's own outputs without speculation,
+token for token, at batch 1 and 8 concurrent over one image, two images and an image in
+the middle of a chat; seeded sampling is reproducible, before and after other traffic.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from integration.client import (SGLANG_IDS, assert_outputs_equal, check_seeded_after_traffic,
+                                check_seeded_sampling, run_all, sglang_complete)
+from integration.prompts import prompts
+from integration.sglang_server import SMALL_POOL, log_file, sglang_available, sglang_server
+from integration.test_vllm_vlm import ALIGN_STEPS
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(sglang_available() is not None,
+                                 reason=sglang_available() or "")]
+openai = pytest.importorskip("openai")
+
+TRANSFORMERS_BACKEND = SMALL_POOL + ["--model-impl", "transformers"]
+CONVS = prompts("image", 6)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir() -> str:
+    from spec_plugins.tools.vlm.cli import build
+
+    return str(build(steps=ALIGN_STEPS))
+
+
+def test_suffix_trees_on_images_equal_sglang_without_speculation(vlm_dir):
+    with sglang_server(vlm_dir, TRANSFORMERS_BACKEND) as url:
+        vanilla = run_all(url, CONVS, extra_body=SGLANG_IDS)
+    log = log_file("vlm-suffix-tree")
+    flags = TRANSFORMERS_BACKEND + ["--speculative-algorithm", "spec_plugins.suffix",
+                                    "--speculative-num-draft-tokens", "17"]
+    options = {"tree": True, "payoff_gate": False}
+    with sglang_server(vlm_dir, flags, env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)},
+                       log_path=log) as url:
+        batch1 = [sglang_complete(url, m, temperature=0) for m in CONVS]
+        with ThreadPoolExecutor(len(CONVS)) as pool:
+            batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0)[0], CONVS))
+        check_seeded_sampling(url, vanilla[0], conversations=CONVS, extra_body=SGLANG_IDS)
+        check_seeded_after_traffic(url, conversations=CONVS[:4], seeded=CONVS[4],
+                                   extra_body=SGLANG_IDS)
+    assert_outputs_equal(vanilla[0], [b[0] for b in batch1], "suffix trees, images, batch 1")
+    assert_outputs_equal(vanilla[1], batch8, "suffix trees, images, 8 concurrent")
+    assert sum(b[1].get("spec_num_correct_drafts", 0) for b in batch1) > 0
+    with open(log, errors="replace") as f:
+        assert "no draft carries its placeholder token ids [11, 12, 14]" in f.read()

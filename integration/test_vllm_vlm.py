@@ -1,0 +1,106 @@
+"""Image requests through real `vllm serve` processes of the VLM testbed (Idefics3 with
+the default model as its language model, ``spec-plugins-vlm``; CI's size: a few dozen
+alignment steps, so answers depend on the image without describing it).
+
+Every method serves image requests losslessly: greedy outputs equal the vanilla server's
+token for token at batch 1 and 8 concurrent (the 8 re-sent prompts hit vLLM's prefix
+cache, images included), over one image, two images in one message, and an image in
+the middle of a multi-turn chat. Suffix trees at batch 1, then under preemption, with
+aborts, and with seeded sampling (one server with a small KV cache); DEL drafting with all of the language model's layers has its
+drafts accepted, which pins the draft KV beside the image's; dflash reads the target's
+states at image positions.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
+                                check_seeded_after_traffic, check_seeded_sampling, complete,
+                                run_all, run_preempting)
+from integration.prompts import prompts
+from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, spec_metrics,
+                                     trees_verified, vllm_server)
+
+pytestmark = pytest.mark.e2e
+openai = pytest.importorskip("openai")
+
+ALIGN_STEPS = 40
+CONVS = prompts("image", 8)
+SUFFIX_TREES = ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8},
+                {"spec_plugins": {"tree": True, "payoff_gate": False}})
+# (suffix trees: the last test, on a server that preempts)
+SERVERS = {
+    "recycling": ({"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 8},
+                  {"spec_plugins": {"payoff_gate": False}}),
+    "del-full-depth": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
+                       {"spec_plugins": {"exit_layer": 30, "min_confidence": 0.0,
+                                         "payoff_gate": False}}),
+    "dflash": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 8}, None),
+}
+
+
+@pytest.fixture(scope="session")
+def vlm_model() -> str:
+    from spec_plugins.tools.vlm.cli import build
+
+    return str(build(steps=ALIGN_STEPS))
+
+
+@pytest.fixture(scope="module")
+def vlm_vanilla(vlm_model):
+    with vllm_server(vlm_model) as url:
+        return run_all(url, CONVS)
+
+
+@pytest.fixture(scope="module", params=sorted(SERVERS))
+def vlm_server(request, vlm_model):
+    spec, extra = SERVERS[request.param]
+    if request.param == "dflash":
+        # The default model's drafter: the testbed's language model is that model.
+        extra = {"spec_plugins": {"drafter": request.getfixturevalue("dflash_drafter"),
+                                  "payoff_gate": False}}
+    log = log_file("vlm-" + request.param)
+    with vllm_server(vlm_model, spec, extra, log_path=log) as url:
+        yield request.param, url, log
+
+
+def check_drafted_around_images(name, url, log) -> tuple[dict, str]:
+    m = spec_metrics(url)
+    assert m.get("num_drafts", 0) > 0, f"{name} drafted nothing on image requests"
+    with open(log, errors="replace") as f:
+        text = f.read()
+    assert "no draft carries its placeholder token ids [11, 12, 14]" in text
+    return m, text
+
+
+def test_image_requests_greedy_equal_vanilla(vlm_vanilla, vlm_server):
+    name, url, log = vlm_server
+    batch1, batch8 = run_all(url, CONVS)
+    assert_outputs_equal(vlm_vanilla[0], batch1, f"{name}, batch 1")
+    assert_outputs_equal(vlm_vanilla[1], batch8, f"{name}, 8 concurrent")
+    m, text = check_drafted_around_images(name, url, log)
+    if name == "del-full-depth":
+        # The draft reads the target's KV of the prompt (image positions included) and
+        # its own beyond: with every layer it is the target, so (nearly, see
+        # test_vllm_layerskip) every draft token is accepted.
+        assert "layer-skip drafter bound to Idefics3ForConditionalGeneration" in text
+        assert m["num_accepted_tokens"] >= 0.95 * m["num_draft_tokens"], m
+    else:
+        assert m["num_accepted_tokens"] > 0, m
+
+
+def test_suffix_trees_on_images_batch1_preempted_aborted_and_seeded(vlm_model, vlm_vanilla):
+    spec, extra = SUFFIX_TREES
+    log = log_file("vlm-suffix-tree")
+    with vllm_server(vlm_model, spec, extra, extra=PREEMPTING_CACHE, log_path=log) as url:
+        batch1 = [complete(url, m, temperature=0) for m in CONVS]
+        assert_outputs_equal(vlm_vanilla[0], batch1, "suffix trees, images, batch 1")
+        check_drafted_around_images("suffix trees", url, log)
+        outs = run_preempting(url, CONVS)
+        assert counter(url, "vllm:num_preemptions_total") > 0, "nothing was preempted"
+        assert_outputs_equal(vlm_vanilla[1], outs, "suffix trees, images, preempted")
+        check_aborts_leave_others_intact(url, vlm_vanilla, CONVS)
+        check_seeded_sampling(url, vlm_vanilla[0], prompt=0, conversations=CONVS)
+        check_seeded_after_traffic(url, conversations=CONVS[:6], seeded=CONVS[6])
+    assert trees_verified(log) > 0, "no branching tree was verified on image requests"
