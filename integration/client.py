@@ -115,19 +115,17 @@ def check_seeded_sampling(url, greedy, prompt: int = 0, temperature: float = 0.8
     assert greedy[prompt] not in (first, other), "a sampled output equals the greedy one"
 
 
-def check_seeded_after_traffic(url, temperature: float = 0.8, seed: int = 3,
-                               conversations=CONVERSATIONS, seeded=None, **kw) -> None:
+def check_seeded_after_traffic(url, temperature: float = 0.8, seed: int = 3, **kw) -> None:
     """A seeded sampled request sent again after concurrent traffic returns the same token
     ids. The traffic (greedy, sampled and seeded requests) includes the seeded prompt
     itself, so every cross-request state (a suffix tree of earlier outputs, token
     recycling's matrix, drafter caches, calibration, the prefix cache) holds its
     continuations by then; a method whose drafts for the seeded request depended on that
     state would verify other drafts, draw other random numbers, and answer otherwise.
-    ``seeded``: the seeded conversation (default: a chat prompt outside ``conversations``).
     ``kw``: more request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
-    seeded = seeded or prompts("chat", 1, start=4)[0]
+    seeded = prompts("chat", 1, start=4)[0]
     kinds = ({"temperature": 0}, {"temperature": 0.9}, {"temperature": 0.7, "seed": 11})
-    traffic = [(m, kinds[i % 3]) for i, m in enumerate(list(conversations) + [seeded] * 3)]
+    traffic = [(m, kinds[i % 3]) for i, m in enumerate(CONVERSATIONS + [seeded] * 3)]
     first = complete(url, seeded, temperature=temperature, seed=seed, **kw)
     with ThreadPoolExecutor(len(traffic)) as pool:
         list(pool.map(lambda a: complete(url, a[0], **a[1], **kw), traffic))

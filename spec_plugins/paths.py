@@ -34,9 +34,9 @@ def default_model_dir() -> Path:
     return cache_root() / DEFAULT_MODEL_NAME
 
 
-def vlm_model_dir(align_steps: int) -> Path:
-    """The VLM testbed aligned for ``align_steps`` steps (each size is its own build)."""
-    return cache_root() / f"{VLM_MODEL_NAME}-{align_steps}"
+def vlm_model_dir(align_steps: int, caption_steps: int) -> Path:
+    """The VLM testbed of that many alignment and captioning steps (each its own build)."""
+    return cache_root() / f"{VLM_MODEL_NAME}-a{align_steps}-c{caption_steps}"
 
 
 def training_data_dir() -> Path:

