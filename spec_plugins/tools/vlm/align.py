@@ -40,17 +40,16 @@ def image_features(encoder, connector, pixel_values: torch.Tensor) -> torch.Tens
     return connector(encoder(pixel_values=pixel_values).last_hidden_state)
 
 
-def align(encoder, connector, processor, embed: torch.Tensor, *, steps: int,
-          batch: int = 32, lr: float = 1e-3, seed: int = 0, log=print) -> dict:
-    """Train ``encoder`` and ``connector`` in place; ``embed`` is the language model's input
-    embedding matrix (frozen). Returns the final loss and the time taken."""
+def _train(encoder, connector, processor, loss_of, *, name: str, steps: int, batch: int,
+           lr: float, seed: int, warmup: int, log_every: int, log) -> dict:
+    """The loop both phases share: per step ``batch`` new training images, their features,
+    ``loss_of(drawn, feats, step)``, one AdamW step on the encoder and connector (cosine
+    schedule after ``warmup`` steps). Returns the final (smoothed) loss and the time."""
     torch.manual_seed(seed)
     params = list(encoder.parameters()) + list(connector.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps)))
-    scale = embed.pow(2).mean()
     encoder.train(), connector.train()
     started, loss_ema = time.monotonic(), None
     next_seed = TRAIN_SEEDS.start + seed * 10_000_000
@@ -59,21 +58,34 @@ def align(encoder, connector, processor, embed: torch.Tensor, *, steps: int,
         next_seed += batch
         pixels = processor.image_processor([[d.image] for d in drawn],
                                            return_tensors="pt")["pixel_values"][:, 0]
-        feats = image_features(encoder, connector, pixels)
-        target = embed[span_targets(processor.tokenizer, [d.caption for d in drawn],
-                                    feats.shape[1])]
-        loss = (feats - target).pow(2).mean() / scale
+        loss = loss_of(drawn, image_features(encoder, connector, pixels), step)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"align step {step}/{steps}: loss {loss_ema:.4f} "
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        if step % log_every == 0 or step == steps - 1:
+            log(f"{name} step {step}/{steps}: loss {loss_ema:.4f} "
                 f"({time.monotonic() - started:.0f} s)")
     encoder.eval(), connector.eval()
     return {"loss": loss_ema, "seconds": time.monotonic() - started}
+
+
+def align(encoder, connector, processor, embed: torch.Tensor, *, steps: int,
+          batch: int = 32, lr: float = 1e-3, seed: int = 0, log=print) -> dict:
+    """Train ``encoder`` and ``connector`` in place; ``embed`` is the language model's input
+    embedding matrix (frozen). Returns the final loss and the time taken."""
+    scale = embed.pow(2).mean()
+
+    def loss_of(drawn, feats, step):
+        target = embed[span_targets(processor.tokenizer, [d.caption for d in drawn],
+                                    feats.shape[1])]
+        return (feats - target).pow(2).mean() / scale
+
+    return _train(encoder, connector, processor, loss_of, name="align", steps=steps,
+                  batch=batch, lr=lr, seed=seed, warmup=max(1, steps // 20), log_every=100,
+                  log=log)
 
 
 def _chat_ids(tokenizer, shape_tokens: int, question: str) -> list[int]:
@@ -102,29 +114,18 @@ def caption(encoder, connector, processor, lm, *, steps: int, batch: int = 8, lr
     answers a request for a description of the image with its caption."""
     import torch.nn.functional as F
 
-    torch.manual_seed(seed)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     for p in lm.parameters():
         p.requires_grad_(False)
     lm.eval()
     embed = lm.get_input_embeddings()
-    params = list(encoder.parameters()) + list(connector.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    encoder.train(), connector.train()
-    started, loss_ema = time.monotonic(), None
-    next_seed = TRAIN_SEEDS.start + seed * 10_000_000
-    for step in range(steps):
-        drawn = [draw(next_seed + i) for i in range(batch)]
-        next_seed += batch
-        pixels = processor.image_processor([[d.image] for d in drawn],
-                                           return_tensors="pt")["pixel_values"][:, 0]
-        feats = image_features(encoder, connector, pixels)          # [b, span, hidden]
+
+    def loss_of(drawn, feats, step):                     # feats [b, span, hidden]
         rows, labels = [], []
         for i, d in enumerate(drawn):
-            prompt = _chat_ids(tok, feats.shape[1], CAPTION_REQUESTS[(step + i) % len(CAPTION_REQUESTS)])
+            request = CAPTION_REQUESTS[(step + i) % len(CAPTION_REQUESTS)]
+            prompt = _chat_ids(tok, feats.shape[1], request)
             answer = tok(d.caption[0].upper() + d.caption[1:] + ".<|im_end|>",
                          add_special_tokens=False).input_ids
             rows.append(prompt + answer)
@@ -136,15 +137,7 @@ def caption(encoder, connector, processor, lm, *, steps: int, batch: int = 8, lr
         x = embed(ids)
         x = x.masked_scatter((ids == image_id).unsqueeze(-1), feats.to(x.dtype))
         logits = lm(inputs_embeds=x, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
-        if step % 10 == 0 or step == steps - 1:
-            log(f"caption step {step}/{steps}: loss {loss_ema:.4f} "
-                f"({time.monotonic() - started:.0f} s)")
-    encoder.eval(), connector.eval()
-    return {"loss": loss_ema, "seconds": time.monotonic() - started}
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten())
+
+    return _train(encoder, connector, processor, loss_of, name="caption", steps=steps,
+                  batch=batch, lr=lr, seed=seed, warmup=1, log_every=10, log=log)
