@@ -20,6 +20,18 @@ def default_model() -> str:
     return str(build())
 
 
+# The VLM testbed's size in the end-to-end tests: answers depend on the image, do not
+# describe it, and the build takes about a minute.
+VLM_ALIGN_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def vlm_model() -> str:
+    from spec_plugins.tools.vlm.cli import build
+
+    return str(build(steps=VLM_ALIGN_STEPS, caption_steps=0))
+
+
 @pytest.fixture(scope="session")
 def vanilla(default_model):
     """A vanilla server's greedy outputs (batch 1, 8 concurrent) and one logit-biased

@@ -19,7 +19,6 @@ from integration.client import (SGLANG_IDS, assert_outputs_equal, check_seeded_s
                                 run_all, sglang_complete)
 from integration.prompts import prompts
 from integration.sglang_server import SMALL_POOL, log_file, sglang_available, sglang_server
-from integration.test_vllm_vlm import ALIGN_STEPS
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(sglang_available() is not None,
@@ -31,21 +30,14 @@ TRANSFORMERS_BACKEND = SMALL_POOL + ["--model-impl", "transformers"]
 CONVS = prompts("image", 4)
 
 
-@pytest.fixture(scope="module")
-def vlm_dir() -> str:
-    from spec_plugins.tools.vlm.cli import build
-
-    return str(build(steps=ALIGN_STEPS, caption_steps=0))
-
-
-def test_suffix_trees_on_images_equal_sglang_without_speculation(vlm_dir):
-    with sglang_server(vlm_dir, TRANSFORMERS_BACKEND) as url:
+def test_suffix_trees_on_images_equal_sglang_without_speculation(vlm_model):
+    with sglang_server(vlm_model, TRANSFORMERS_BACKEND) as url:
         vanilla = run_all(url, CONVS, extra_body=SGLANG_IDS)
     log = log_file("vlm-suffix-tree")
     flags = TRANSFORMERS_BACKEND + ["--speculative-algorithm", "spec_plugins.suffix",
                                     "--speculative-num-draft-tokens", "17"]
     options = {"tree": True, "payoff_gate": False}
-    with sglang_server(vlm_dir, flags, env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)},
+    with sglang_server(vlm_model, flags, env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)},
                        log_path=log) as url:
         batch1 = [sglang_complete(url, m, temperature=0) for m in CONVS]
         with ThreadPoolExecutor(len(CONVS)) as pool:

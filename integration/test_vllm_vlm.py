@@ -24,7 +24,6 @@ from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, spec_m
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
 
-ALIGN_STEPS = 40
 CONVS = prompts("image", 8)
 SUFFIX_TREES = ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8},
                 {"spec_plugins": {"tree": True, "payoff_gate": False}})
@@ -37,13 +36,6 @@ SERVERS = {
                                          "payoff_gate": False}}),
     "dflash": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 8}, None),
 }
-
-
-@pytest.fixture(scope="session")
-def vlm_model() -> str:
-    from spec_plugins.tools.vlm.cli import build
-
-    return str(build(steps=ALIGN_STEPS, caption_steps=0))
 
 
 @pytest.fixture(scope="module")
