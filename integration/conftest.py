@@ -80,3 +80,29 @@ def dflash_drafter(default_model, tmp_path_factory):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert (out / "config.json").is_file()
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def vision_drafters(dflash_drafter, tmp_path_factory) -> dict[str, str]:
+    """The CI drafter with each vision adaptor (models/vision.py) added, its weights
+    random (the global feature's projection too, so every path of the adaptor acts):
+    ``{"vispec": dir, "msd": dir}``."""
+    import torch
+
+    from spec_plugins.models.dflash import DFlashDrafter
+    from spec_plugins.models.vision import VisionConfig
+
+    # The shared embedding / head are not saved: placeholders do.
+    text = DFlashDrafter.from_pretrained(dflash_drafter, embed_tokens=torch.zeros(1, 1),
+                                         lm_head_weight=torch.zeros(1, 1))
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for style in ("vispec", "msd"):
+        m = text.with_vision(VisionConfig(style))
+        with torch.no_grad():
+            for name, p in m.vision.named_parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        d = tmp_path_factory.mktemp(f"dflash-{style}")
+        m.save_pretrained(d)
+        out[style] = str(d)
+    return out

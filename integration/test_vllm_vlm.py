@@ -6,9 +6,11 @@ Every method serves image requests losslessly: greedy outputs equal the vanilla 
 token for token at batch 1 and 8 concurrent (the 8 re-sent prompts hit vLLM's prefix
 cache, images included), over one image, two images in one message, and an image in
 the middle of a multi-turn chat. Suffix trees at batch 1, then under preemption, with
-aborts, and with seeded sampling (one server with a small KV cache); DEL drafting with all of the language model's layers has its
-drafts accepted, which pins the draft KV beside the image's; dflash reads the target's
-states at image positions.
+aborts, and with seeded sampling (one server with a small KV cache); DEL drafting with
+all of the language model's layers has its drafts accepted, which pins the draft KV
+beside the image's; dflash reads the target's states at image positions through each
+vision adaptor (vispec: image spans compressed by learned queries, a global image
+feature in every draft input; msd: image rows from the target's input embeddings).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ SERVERS = {
     "del-full-depth": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
                        {"spec_plugins": {"exit_layer": 30, "min_confidence": 0.0,
                                          "payoff_gate": False}}),
-    "dflash": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 8}, None),
+    # The CI drafter with each vision adaptor (integration/conftest.py: vision_drafters).
+    "dflash-vispec": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 8}, None),
+    "dflash-msd": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 8}, None),
 }
 
 
@@ -47,9 +51,10 @@ def vlm_vanilla(vlm_model):
 @pytest.fixture(scope="module", params=sorted(SERVERS))
 def vlm_server(request, vlm_model):
     spec, extra = SERVERS[request.param]
-    if request.param == "dflash":
+    if request.param.startswith("dflash-"):
         # The default model's drafter: the testbed's language model is that model.
-        extra = {"spec_plugins": {"drafter": request.getfixturevalue("dflash_drafter"),
+        style = request.param.removeprefix("dflash-")
+        extra = {"spec_plugins": {"drafter": request.getfixturevalue("vision_drafters")[style],
                                   "payoff_gate": False}}
     log = log_file("vlm-" + request.param)
     with vllm_server(vlm_model, spec, extra, log_path=log) as url:
@@ -79,6 +84,11 @@ def test_image_requests_greedy_equal_vanilla(vlm_vanilla, vlm_server):
         assert m["num_accepted_tokens"] >= 0.95 * m["num_draft_tokens"], m
     else:
         assert m["num_accepted_tokens"] > 0, m
+    if name.startswith("dflash-"):
+        style = name.removeprefix("dflash-")
+        assert f"vision adaptor {style}" in text
+        if style == "msd":  # the input embeddings too (vLLM's auxiliary id 0)
+            assert "target layers [-1, " in text, text[-3000:]
 
 
 def test_suffix_trees_on_images_batch1_preempted_aborted_and_seeded(vlm_model, vlm_vanilla):

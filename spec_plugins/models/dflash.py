@@ -66,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spec_plugins.models.vision import VisionAdaptor, VisionConfig, spans
+
 ARCHITECTURE = "DFlashDraftModel"  # vLLM registry: DFlashDraftModel -> qwen3_dflash.DFlashQwen3ForCausalLM
 MASK_EMBEDDING_FILE = "mask_embedding.pt"
 WEIGHTS_FILE = "model.safetensors"
@@ -115,6 +117,7 @@ class DFlashConfig:
     logit_scale: float = 1.0
     tie_word_embeddings: bool = False
     dtype: str | None = None
+    vision: VisionConfig | None = None  # dflash_config.vision (models/vision.py)
     extra: dict = field(default_factory=dict)
     dflash_extra: dict = field(default_factory=dict)
 
@@ -135,6 +138,19 @@ class DFlashConfig:
         return len(self.target_layer_ids) * (self.target_hidden_size or self.hidden_size)
 
     @property
+    def embedding_width(self) -> int:
+        """Width of the target's input embeddings the drafter reads first in every state
+        row (msd vision adaptor: layer -1), else 0."""
+        reads = self.vision is not None and self.vision.reads_embeddings
+        return (self.target_hidden_size or self.hidden_size) if reads else 0
+
+    @property
+    def state_width(self) -> int:
+        """Width of the target states the drafter reads per token, in ascending layer
+        order: the input embeddings (msd only), then ``target_layer_ids``' outputs."""
+        return self.embedding_width + self.fc_in_features
+
+    @property
     def aux_layer_ids(self) -> list[int]:
         """vLLM's auxiliary hidden-state ids for the target (``i + 1``: output of layer i)."""
         return [i + 1 for i in sorted(self.target_layer_ids)]
@@ -147,7 +163,7 @@ class DFlashConfig:
         names = {f.name for f in fields(cls)} - {"extra", "dflash_extra", "rope_type",
                                                   "rope_extra", "rope_theta", "causal",
                                                   "target_layer_ids", "mask_token_id",
-                                                  "block_size", "dtype"}
+                                                  "block_size", "dtype", "vision"}
         for name in names:
             if name in d:
                 kw[name] = d.pop(name)
@@ -178,6 +194,7 @@ class DFlashConfig:
         kw["causal"] = causal if causal is not None else dcausal
         if "attention_value_scale" in dflash:
             kw["attention_value_scale"] = dflash.pop("attention_value_scale")
+        kw["vision"] = VisionConfig.from_dict(dflash.pop("vision", None))
         dt = d.pop("dtype", None) or d.pop("torch_dtype", None)
         kw["dtype"] = dt
         for k in ("architectures", "model_type"):
@@ -221,6 +238,8 @@ class DFlashConfig:
                   "block_size": self.block_size, **self.dflash_extra}
         if self.attention_value_scale is not None:
             dflash["attention_value_scale"] = self.attention_value_scale
+        if self.vision is not None:
+            dflash["vision"] = self.vision.to_dict()
         out["dflash_config"] = dflash
         for k, v in self.extra.items():
             out.setdefault(k, v)
@@ -386,10 +405,16 @@ class DFlashContext:
         return self.length
 
     def append(self, states: torch.Tensor, positions: torch.Tensor) -> int:
-        """Project the target's hidden states ``[m, L * Ht]`` at ``positions [m]`` and
-        append them; returns the new length."""
+        """Project the target's hidden states ``[m, L * Ht]`` at ``positions [m]`` (text)
+        and append them; returns the new length."""
         with torch.no_grad():
             k, v = self.drafter.context_kv(states, positions)
+        return self.append_kv(k, v)
+
+    def append_rows(self, h: torch.Tensor, positions: torch.Tensor) -> int:
+        """Append context rows ``[m, H]`` (:meth:`DFlashDrafter.encode_context`)."""
+        with torch.no_grad():
+            k, v = self.drafter.rows_kv(h, positions)
         return self.append_kv(k, v)
 
     def truncate(self, n: int) -> None:
@@ -437,6 +462,9 @@ class DFlashDrafter(nn.Module):
         else:
             self.d2t = None
         self.mask_embedding = nn.Parameter(torch.zeros(c.hidden_size)) if trained_mask else None
+        self.vision = (VisionAdaptor(c.vision, c.hidden_size, c.target_hidden_size or c.hidden_size,
+                                     c.num_attention_heads, c.rms_norm_eps)
+                       if c.vision is not None else None)
         # Not submodules / parameters: shared with the target.
         object.__setattr__(self, "_shared_embed", embed_tokens)
         object.__setattr__(self, "_shared_head", lm_head_weight)
@@ -515,12 +543,53 @@ class DFlashDrafter(nn.Module):
                                                               l.self_attn.v_proj.bias)])
         return torch.cat(ws), bs
 
+    def context_features(self, states: torch.Tensor) -> torch.Tensor:
+        """Target states ``[..., n, state_width]`` -> the context rows of text positions
+        ``[..., n, H]`` (the projection of the target layers' states)."""
+        E = self.config.embedding_width
+        return self.hidden_norm(self.fc(states[..., E:].to(self.fc.weight.dtype)))
+
+    def encode_context(self, states: torch.Tensor, positions: torch.Tensor,
+                       image: torch.Tensor | None = None):
+        """A segment of one sequence -> its context rows, image spans read by the vision
+        adaptor (``models/vision.py``); without an adaptor or images, one row per token.
+
+        states [n, state_width], positions [n], image [n] bool (image positions; a vispec
+        span must be whole: the serving side holds back a span a chunk cut).
+        Returns ``h [n', H]``, their positions ``[n']``, ``seen [n']`` (the last position
+        a row depends on: a block at anchor ``p`` sees the rows with ``seen < p``) and
+        the global features of the segment's spans with their ``seen``: ``[s, H]``, ``[s]``
+        (None without a vispec adaptor)."""
+        h = self.context_features(states)
+        if self.vision is None or image is None or not bool(image.any()):
+            return h, positions, positions, None
+        hs, ps, seen, gs, gseen = [], [], [], [], []
+        last = 0
+        embeds = states[:, :self.config.embedding_width]
+        for a, b in spans(image):
+            hs.append(h[last:a]), ps.append(positions[last:a]), seen.append(positions[last:a])
+            rows, g = self.vision.image_rows(h[a:b], embeds[a:b])
+            hs.append(rows)
+            ps.append(positions[a:a + len(rows)])
+            seen.append(positions[a:a + len(rows)] if g is None
+                        else positions[b - 1].expand(len(rows)))
+            if g is not None:
+                gs.append(g), gseen.append(positions[b - 1])
+            last = b
+        hs.append(h[last:]), ps.append(positions[last:]), seen.append(positions[last:])
+        glob = (torch.stack(gs), torch.stack(gseen)) if gs else None
+        return torch.cat(hs), torch.cat(ps), torch.cat(seen), glob
+
     def context_kv(self, states: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target hidden states ``[..., n, L * Ht]`` at ``positions [..., n]`` -> the context
-        keys and values of every draft layer, ``k, v [L, ..., n, nkv, hd]``."""
+        """Target hidden states ``[..., n, L * Ht]`` at ``positions [..., n]`` (text) ->
+        the context keys and values of every draft layer, ``k, v [L, ..., n, nkv, hd]``."""
+        return self.rows_kv(self.context_features(states), positions)
+
+    def rows_kv(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context rows ``h [..., n, H]`` at ``positions [..., n]`` -> their keys and
+        values in every draft layer, ``k, v [L, ..., n, nkv, hd]``."""
         c = self.config
         L, nkv, hd = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
-        h = self.hidden_norm(self.fc(states.to(self.fc.weight.dtype)))  # [..., n, H]
         w, b = self._kv_weight()
         kv = F.linear(h, w, b).unflatten(-1, (L, 2, nkv, hd))  # [..., n, L, 2, nkv, hd]
         k, v = kv.select(-3, 0), kv.select(-3, 1)  # [..., n, L, nkv, hd]
@@ -555,12 +624,15 @@ class DFlashDrafter(nn.Module):
         x = x + layer.self_attn.o_proj(attn.transpose(1, 2).flatten(-2))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
-    def _block_input(self, first_tokens: torch.Tensor, positions: torch.Tensor, k: int):
+    def _block_input(self, first_tokens: torch.Tensor, positions: torch.Tensor, k: int,
+                     image_global: torch.Tensor | None = None):
         B, T = first_tokens.shape[0], k + 1
         dtype = self.fc.weight.dtype
         x = torch.empty(B, T, self.config.hidden_size, dtype=dtype, device=self.fc.weight.device)
         x[:, 0] = self.embed(first_tokens).to(dtype)
         x[:, 1:] = self.mask_vector().to(dtype)
+        if image_global is not None and self.vision is not None and self.vision.config.style == "vispec":
+            x = x + self.vision.draft_input(image_global.to(dtype)).unsqueeze(1)  # [B, 1, H]
         pos = positions.reshape(B, 1) + torch.arange(T, device=positions.device)  # [B, T]
         cos, sin = self.rope.tables(pos, dtype)  # [B, T, 1, hd/2]
         return x, cos, sin
@@ -568,7 +640,8 @@ class DFlashDrafter(nn.Module):
     @torch.no_grad()
     def draft_block(self, contexts: Sequence[DFlashContext | tuple[torch.Tensor, torch.Tensor]],
                     first_tokens: torch.Tensor, positions: torch.Tensor, block_len: int,
-                    *, target_vocab: bool = False) -> torch.Tensor:
+                    *, target_vocab: bool = False,
+                    image_global: torch.Tensor | None = None) -> torch.Tensor:
         """Draft ``block_len`` (= k) tokens for ``B`` requests in one pass.
 
         contexts: per request a :class:`DFlashContext` (no copies) or ``(k, v)``
@@ -576,6 +649,8 @@ class DFlashDrafter(nn.Module):
         first_tokens [B]: the last committed token of each request (not in its context).
         positions [B]: its position ``p`` (= the context length when the context is the
           whole sequence); the mask slots are at ``p + 1 .. p + k``.
+        image_global [B, H]: each request's mean global image feature (zeros without
+          images; vispec adaptor only).
         Returns logits ``[B, k, Vd]`` over the DRAFT vocabulary (cheapest: argmax / top-k on
         ``Vd`` and map ids with :meth:`draft_to_target`), or ``[B, k, V]`` over the target
         vocabulary with ``target_vocab=True`` (``-inf`` outside the trimmed vocabulary).
@@ -583,7 +658,7 @@ class DFlashDrafter(nn.Module):
         c = self.config
         B, k = len(contexts), int(block_len)
         T = k + 1
-        x, cos, sin = self._block_input(first_tokens, positions, k)
+        x, cos, sin = self._block_input(first_tokens, positions, k, image_global)
         causal = bool(c.causal)
         mask = None
         for li, layer in enumerate(self.layers):
@@ -610,12 +685,14 @@ class DFlashDrafter(nn.Module):
         return self.to_target_logits(logits) if target_vocab else logits
 
     def forward_train(self, states: torch.Tensor, first_tokens: torch.Tensor,
-                      anchors: torch.Tensor, block_len: int) -> torch.Tensor:
+                      anchors: torch.Tensor, block_len: int,
+                      image: torch.Tensor | None = None) -> torch.Tensor:
         """Training pass over many blocks per sequence at once (differentiable).
 
-        states [B, S, L * Ht]: target hidden states at positions 0..S-1 of each sequence.
+        states [B, S, state_width]: target states at positions 0..S-1 of each sequence.
         anchors [B, A]: anchor positions p (block a sees context positions < p), with
           ``first_tokens [B, A]`` the tokens at those positions.
+        image [B, S] bool: image positions (read by the vision adaptor, if any).
         Returns draft-vocabulary logits ``[B, A, k, Vd]`` (slot j predicts position p + j)."""
         c = self.config
         B, S = states.shape[:2]
@@ -623,13 +700,20 @@ class DFlashDrafter(nn.Module):
         T = k + 1
         dev = states.device
         ctx_pos = torch.arange(S, device=dev).expand(B, S)
-        ck, cv = self.context_kv(states, ctx_pos)  # [L, B, S, nkv, hd]
-        x, cos, sin = self._block_input(first_tokens.reshape(-1), anchors.reshape(-1), k)
+        glob = None
+        if self.vision is not None and image is not None and bool(image.any()):
+            h, ctx_pos, seen, glob = self._train_rows(states, image, anchors)
+            ck, cv = self.rows_kv(h, ctx_pos)  # [L, B, n, nkv, hd]
+        else:
+            seen = ctx_pos
+            ck, cv = self.context_kv(states, ctx_pos)  # [L, B, S, nkv, hd]
+        x, cos, sin = self._block_input(first_tokens.reshape(-1), anchors.reshape(-1), k, glob)
         x = x.view(B, A * T, -1)
         cos, sin = cos.view(B, A * T, 1, -1), sin.view(B, A * T, 1, -1)
-        # Mask [B, 1, A*T, S + A*T]: block a sees context j < anchor_a and its own slots.
+        # Mask [B, 1, A*T, n + A*T]: block a sees context rows seen before anchor_a and
+        # its own slots.
         qa = torch.arange(A, device=dev).repeat_interleave(T)  # block of each query slot
-        ctx_ok = ctx_pos[:, None, :] < anchors.repeat_interleave(T, dim=1)[:, :, None]
+        ctx_ok = seen[:, None, :] < anchors.repeat_interleave(T, dim=1)[:, :, None]
         own = qa[:, None] == qa[None, :]
         if c.causal:
             slot = torch.arange(T, device=dev).repeat(A)
@@ -644,6 +728,29 @@ class DFlashDrafter(nn.Module):
             x = self._finish_layer(layer, x, attn)
         h = self.norm(x.view(B, A, T, -1)[:, :, 1:])
         return self.logits(h)  # [B, A, k, Vd]
+
+    def _train_rows(self, states, image, anchors):
+        """:meth:`encode_context` for a batch, padded: rows ``[B, n, H]``, positions and
+        ``seen [B, n]`` (padding never seen), and each block's mean global image feature
+        over the spans it sees ``[B * A, H]`` (None without a vispec adaptor)."""
+        B, S = image.shape
+        dev = states.device
+        pos = torch.arange(S, device=dev)
+        per = [self.encode_context(states[b], pos, image[b]) for b in range(B)]
+        n = max(len(p[0]) for p in per)
+        h = states.new_zeros(B, n, self.config.hidden_size, dtype=per[0][0].dtype)
+        positions = torch.zeros(B, n, dtype=torch.long, device=dev)
+        seen = torch.full((B, n), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)
+        for b, (hb, pb, sb, _) in enumerate(per):
+            h[b, :len(hb)], positions[b, :len(hb)], seen[b, :len(hb)] = hb, pb, sb
+        if self.vision.config.style != "vispec":
+            return h, positions, seen, None
+        glob = h.new_zeros(B, anchors.shape[1], self.config.hidden_size)
+        for b, (*_, g) in enumerate(per):
+            if g is not None:
+                w = (g[1][None, :] < anchors[b][:, None]).to(h.dtype)   # [A, s]
+                glob[b] = (w @ g[0]) / w.sum(1, keepdim=True).clamp(min=1)
+        return h, positions, seen, glob.flatten(0, 1)
 
     # -- bookkeeping
 
@@ -662,7 +769,32 @@ class DFlashDrafter(nn.Module):
                 f"({'own' if self.lm_head is not None else 'shared'}), embedding "
                 f"{'own' if self.embed_tokens is not None else 'shared'}, mask "
                 f"{'trained' if self.mask_embedding is not None else f'token {c.mask_token_id}'}, "
+                f"{self._vision_text()}, "
                 f"{self.parameter_count() / 1e6:.2f}M params, {self.memory_bytes() / 2**20:.1f} MiB")
+
+    def with_vision(self, vision: VisionConfig | None) -> "DFlashDrafter":
+        """A copy of this drafter with a freshly initialised vision adaptor (or none): the
+        first step of the image training stage. Its global-feature projection starts at
+        zero, so it drafts text as this drafter does."""
+        cfg = copy.deepcopy(self.config)
+        cfg.vision = vision
+        new = type(self)(cfg, embed_tokens=self._shared_embed, lm_head_weight=self._shared_head,
+                         own_embed=self.embed_tokens is not None,
+                         own_lm_head=self.lm_head is not None,
+                         trained_mask=self.mask_embedding is not None)
+        p = next(self.parameters())
+        new.to(device=p.device, dtype=p.dtype)
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("vision.")}
+        missing, unexpected = new.load_state_dict(own, strict=False)
+        assert not unexpected and all(k.startswith("vision.") for k in missing), (missing, unexpected)
+        return new
+
+    def _vision_text(self) -> str:
+        v = self.config.vision
+        if v is None:
+            return "text-only"
+        return ("vision adaptor vispec" + f" ({v.num_queries} queries per image)"
+                if v.style == "vispec" else "vision adaptor msd (image rows from the input embeddings)")
 
     # -- checkpoints
 

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from spec_plugins.models.vision import complete_spans
 from spec_plugins.options import OptionError, opt
 from spec_plugins.paths import drafter_dir
 from spec_plugins.proposers.base import DraftRequest, ModelInfo
@@ -47,8 +48,13 @@ class _State(BlockState):
     def __init__(self, adl, context):
         super().__init__(adl)
         self.context = context      # DFlashContext: the drafter's K/V of the committed tokens
-        self.end = 0                # position after the last context token
+        self.end = 0                # position after the last token whose state came
+        self.gap = False            # the context lacks rows (prefix-cache miss)
         self.cached = False         # its prompt's context is in the PromptContextCache
+        # Vision adaptor: states of an image span a prefill chunk cut (whole spans only
+        # enter the context), and the global features of the spans in the context.
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.image_globals: list[torch.Tensor] = []
 
 
 class PromptContextCache:
@@ -122,16 +128,26 @@ class DFlashProposer(BlockProposer):
                 f"dflash.drafter={str(path)!r} expects {c.fc_in_features} target features "
                 f"({len(layers)} layers), the served model gives "
                 f"{len(layers) * model.hidden_size} (hidden size {model.hidden_size})")
+        if c.embedding_width not in (0, model.hidden_size):
+            raise OptionError(
+                f"dflash.drafter={str(path)!r}: its msd vision adaptor reads {c.embedding_width}-"
+                f"wide input embeddings, the served model's are {model.hidden_size} wide")
         if c.vocab_size != model.vocab_size:
             raise OptionError(f"dflash.drafter={str(path)!r} has a {c.vocab_size}-token "
                               f"vocabulary, the served model {model.vocab_size}")
         self._set_max_block(max(int(c.block_size) - 1, 1))
         self.model = drafter.eval()
         self.prompt_cache = PromptContextCache()
-        self.hidden_layers = layers
+        # The msd vision adaptor also reads the target's input embeddings (layer -1).
+        self.hidden_layers = ((-1,) if c.vision and c.vision.reads_embeddings else ()) + layers
+        self._placeholder_ids = torch.tensor(sorted(model.placeholder_token_ids), dtype=torch.long)
+        if c.vision is not None and not model.placeholder_token_ids:
+            self.logger.warning("spec_plugins: dflash drafter %s has a vision adaptor, but the "
+                                "served model %s has no image placeholder tokens: it drafts "
+                                "as a text drafter", path, model.model_path)
         self.logger.info("spec_plugins: dflash drafter %s: %s; blocks of %d-%d positions, "
                          "target layers %s", path, drafter.describe(), o.min_block,
-                         self.max_block, list(layers))
+                         self.max_block, list(self.hidden_layers))
 
     def _new_state(self, req: DraftRequest) -> _State:
         return _State(self._adl(), self.model.new_context())
@@ -147,10 +163,11 @@ class DFlashProposer(BlockProposer):
             hit = self.prompt_cache.lookup(np.asarray(req.token_ids[:p0]))
             if hit is not None:
                 st.context.append_kv(*hit)
-                st.end = p0
-        st.context.append(states.states, states.positions.to(st.context.k.device))
+            else:
+                st.gap = True
+        self._append(st, req, states.states, states.positions.to(st.context.k.device))
         st.end = int(states.positions[-1]) + 1
-        if not st.cached and len(st.context) == st.end >= req.num_prompt_tokens:
+        if not st.cached and not st.gap and st.end >= req.num_prompt_tokens:
             # A whole prompt from position 0: keep it for requests that share a prefix.
             st.cached = True
             # Up to the first image placeholder: the ids there are the same for every
@@ -161,6 +178,34 @@ class DFlashProposer(BlockProposer):
                                     ctx.k[:, :, :n].transpose(1, 2), ctx.v[:, :, :n].transpose(1, 2))
         return st
 
+    def _append(self, st: _State, req: DraftRequest, states: torch.Tensor,
+                positions: torch.Tensor) -> None:
+        """Add the states ``[n, F]`` at ``positions [n]`` (consecutive) to the context;
+        with a vision adaptor, image spans go through it, whole (models/vision.py)."""
+        if self.model.vision is None or not len(self._placeholder_ids):
+            st.context.append(states, positions)
+            return
+        if st.pending is not None:
+            states = torch.cat((st.pending[0], states))
+            positions = torch.cat((st.pending[1], positions))
+            st.pending = None
+        p0, n = int(positions[0]), len(positions)
+        ids = torch.as_tensor(np.asarray(req.token_ids[p0:p0 + n + 1], dtype=np.int64))
+        is_image = torch.isin(ids, self._placeholder_ids)
+        image = is_image[:n].to(positions.device)
+        keep = n
+        if self.model.config.vision.style == "vispec":
+            keep = complete_spans(image, next_is_text=len(ids) > n and not bool(is_image[n]))
+        if keep < n:
+            st.pending = (states[keep:], positions[keep:])
+        if keep:
+            with torch.no_grad():
+                h, pos, _, glob = self.model.encode_context(states[:keep], positions[:keep],
+                                                            image[:keep])
+            st.context.append_rows(h, pos)
+            if glob is not None:
+                st.image_globals.extend(glob[0])
+
     def _can_draft(self, st: _State) -> bool:
         return len(st.context) > 0
 
@@ -169,7 +214,13 @@ class DFlashProposer(BlockProposer):
         dev = states[0].context.k.device
         first = torch.tensor([int(r.token_ids[-1]) for r in reqs], device=dev)
         pos = torch.tensor([len(r.token_ids) - 1 for r in reqs], device=dev)
-        return self.model.draft_block([s.context for s in states], first, pos, length)
+        glob = None
+        if any(s.image_globals for s in states):
+            H = self.model.config.hidden_size
+            glob = torch.stack([torch.stack(s.image_globals).mean(0) if s.image_globals
+                                else torch.zeros(H, device=dev) for s in states])
+        return self.model.draft_block([s.context for s in states], first, pos, length,
+                                      image_global=glob)
 
     def _to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.draft_to_target(ids)

@@ -8,6 +8,7 @@ import torch
 
 from spec_plugins.models.dflash import (DFlashConfig, DFlashContext, DFlashDrafter,
                                         MASK_EMBEDDING_FILE)
+from spec_plugins.models.vision import VisionConfig, complete_spans, spans
 
 V, H, HT, NL_T = 97, 32, 24, 6  # target vocab, draft hidden, target hidden, target layers
 
@@ -262,3 +263,115 @@ def test_training_pass_matches_inference_blocks():
             one = m.draft_block([m.context_kv(states[b, :p], torch.arange(p))], first[b, a:a + 1],
                                 anchors[b, a:a + 1], k)
             torch.testing.assert_close(out[b, a], one[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- vision adaptor
+
+VISPEC, MSD = VisionConfig("vispec", num_queries=3), VisionConfig("msd")
+# Image positions: a 6-token span, a 2-token span (shorter than vispec's 3 queries).
+IMAGE = torch.zeros(16, dtype=torch.bool)
+IMAGE[2:8] = IMAGE[10:12] = True
+
+
+def test_vision_config_round_trip_and_errors():
+    for v in (VISPEC, MSD):
+        cfg = tiny_config(vision=v)
+        d = cfg.to_dict()
+        assert d["dflash_config"]["vision"]["style"] == v.style
+        assert DFlashConfig.from_dict(d).vision == v
+    assert tiny_config(vision=MSD).state_width == HT + 3 * HT
+    d = tiny_config().to_dict()
+    d["dflash_config"]["vision"] = {"style": "llava"}
+    with pytest.raises(ValueError, match="dflash_config.vision.style='llava'; allowed values: "
+                                         "vispec, msd"):
+        DFlashConfig.from_dict(d)
+    d["dflash_config"]["vision"] = {"style": "vispec", "queries": 2}
+    with pytest.raises(ValueError, match=r"unknown fields \['queries'\]"):
+        DFlashConfig.from_dict(d)
+
+
+def test_spans_and_complete_spans():
+    assert spans(IMAGE) == [(2, 8), (10, 12)]
+    # A segment ending inside a span holds it back unless the next token is known text.
+    assert complete_spans(IMAGE[:5], next_is_text=False) == 2
+    assert complete_spans(IMAGE[:8], next_is_text=True) == 8
+    assert complete_spans(IMAGE[:9], next_is_text=False) == 9
+    assert complete_spans(IMAGE[2:6], next_is_text=False) == 0
+
+
+def serving_context(m, states, p):
+    """What the serving side holds at anchor p: rows of positions < p; a vispec image span
+    only once the token after it is known (token p is)."""
+    img = IMAGE[:p]
+    keep = (complete_spans(img, next_is_text=not bool(IMAGE[p]))
+            if m.config.vision.style == "vispec" else p)
+    h, pos, _, glob = m.encode_context(states[:keep], torch.arange(keep), img[:keep])
+    g = None if glob is None else glob[0].mean(0, keepdim=True)
+    return m.rows_kv(h, pos), g
+
+
+@pytest.mark.parametrize("vision", [VISPEC, MSD], ids=["vispec", "msd"])
+def test_training_pass_with_images_matches_serving_blocks(vision):
+    """forward_train over sequences with image spans == draft_block per anchor on the
+    context the serving side builds (spans whole, global feature of the spans seen)."""
+    m, *_ = tiny_drafter(vision=vision)
+    torch.manual_seed(5)
+    S, k = 16, 3
+    states = torch.randn(2, S, m.config.state_width)
+    ids = torch.randint(0, V, (2, S))
+    # Before the images, inside the first span, right after it, after both.
+    anchors = torch.tensor([[1, 5, 8, 14], [9, 10, 12, 15]])
+    first = ids.gather(1, anchors)
+    out = m.forward_train(states, first, anchors, k, image=IMAGE.expand(2, S))
+    for b in range(2):
+        for a in range(4):
+            p = int(anchors[b, a])
+            kv, g = serving_context(m, states[b], p)
+            one = m.draft_block([kv], first[b, a:a + 1], anchors[b, a:a + 1], k, image_global=g)
+            torch.testing.assert_close(out[b, a], one[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vision", [VISPEC, MSD], ids=["vispec", "msd"])
+def test_the_adaptor_reads_image_positions_and_round_trips(vision, tmp_path):
+    m, embed, head = tiny_drafter(vision=vision)
+    torch.manual_seed(6)
+    states = torch.randn(S := 14, m.config.state_width)
+    p, first = 13, torch.tensor([7])
+
+    def block(model, st):
+        kv, g = serving_context(model, st, p)
+        return model.draft_block([kv], first, torch.tensor([p]), 3, image_global=g)
+
+    base = block(m, states)
+    E = m.config.embedding_width
+    # What the adaptor reads at image positions moves the draft: the target layers'
+    # states (vispec) or the input embeddings (msd) ...
+    at_image = states.clone()
+    cols = slice(0, E) if E else slice(None)
+    at_image[3, cols] += 1.0
+    assert not torch.allclose(block(m, at_image), base)
+    if E:  # ... and msd reads no embedding at text positions.
+        at_text = states.clone()
+        at_text[0, :E] += 1.0
+        torch.testing.assert_close(block(m, at_text), base)
+    m.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dflash_config"]["vision"]["style"] \
+        == vision.style
+    m2 = DFlashDrafter.from_pretrained(tmp_path, embed_tokens=embed, lm_head_weight=head)
+    assert "vision adaptor " + vision.style in m2.describe()
+    torch.testing.assert_close(block(m2, states), base)
+
+
+@pytest.mark.parametrize("vision", [VISPEC, MSD], ids=["vispec", "msd"])
+def test_an_adaptor_added_to_a_text_drafter_keeps_its_text_drafts(vision):
+    m, *_ = tiny_drafter(trimmed=True, trained_mask=True)
+    v = m.with_vision(vision)
+    assert v.config.vision == vision and m.config.vision is None
+    torch.manual_seed(7)
+    states = torch.randn(9, 3 * HT)
+    wide = torch.cat((torch.randn(9, v.config.embedding_width), states), dim=1)
+    first, p = torch.tensor([4]), torch.tensor([9])
+    text = m.draft_block([m.context_kv(states, torch.arange(9))], first, p, 3)
+    h, pos, _, _ = v.encode_context(wide, torch.arange(9), torch.zeros(9, dtype=torch.bool))
+    torch.testing.assert_close(v.draft_block([v.rows_kv(h, pos)], first, p, 3,
+                                             image_global=torch.zeros(1, H)), text)

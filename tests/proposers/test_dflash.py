@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from spec_plugins.models.dflash import DFlashConfig, DFlashDrafter
+from spec_plugins.models.vision import VisionConfig
 from spec_plugins import paths
 from spec_plugins.options import OptionError
 from spec_plugins.proposers.base import CommittedStates, DraftRequest, ModelInfo, StepContext
@@ -22,12 +23,12 @@ V, H, HT, NL = 97, 32, 24, 6          # vocab, draft hidden, target hidden, targ
 LAYERS = [1, 3, 4]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def make_checkpoint(d, vision=None):
     cfg = DFlashConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=8, intermediate_size=48, vocab_size=V,
                        target_layer_ids=LAYERS, mask_token_id=V - 1, target_hidden_size=HT,
-                       num_target_layers=NL, rope_theta=10000.0, rms_norm_eps=1e-6, block_size=7)
+                       num_target_layers=NL, rope_theta=10000.0, rms_norm_eps=1e-6, block_size=7,
+                       vision=vision)
     g = torch.Generator().manual_seed(0)
     m = DFlashDrafter(cfg, embed_tokens=torch.randn(V, H, generator=g),
                       lm_head_weight=torch.randn(V, H, generator=g))
@@ -35,9 +36,13 @@ def checkpoint(tmp_path_factory):
         for name, p in m.named_parameters():
             p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
                     else 0.2 * torch.randn(p.shape, generator=g))
-    d = tmp_path_factory.mktemp("dflash")
     m.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("dflash"))
 
 
 def info(num_layers=NL, hidden=HT, seed=1):
@@ -100,6 +105,44 @@ def test_without_a_drafter_option_bind_reads_the_one_trained_for_the_model(
     p = DFlashProposer({})
     p.bind(served)
     assert p.hidden_layers == tuple(LAYERS)
+
+
+IMAGE_IDS = frozenset({90, 91})
+
+
+@pytest.mark.parametrize("style", ["vispec", "msd"])
+def test_vision_drafter_reads_image_spans_whatever_the_prefill_chunks(tmp_path, style):
+    """A prompt with an image span, its states delivered at once or in chunks that cut
+    the span: the same drafts (vispec holds a cut span back until it is whole); msd reads
+    the input embeddings too (layer -1, first); the image changes the drafts."""
+    ckpt = make_checkpoint(tmp_path, VisionConfig(style, num_queries=2))
+    model = dataclasses.replace(info(), placeholder_token_ids=IMAGE_IDS)
+
+    def bound():
+        p = DFlashProposer({"drafter": ckpt, "tree": False, "adaptive": False, "suffix": False})
+        p.bind(model)
+        return p
+
+    whole, parts = bound(), bound()
+    assert whole.hidden_layers == ((-1,) if style == "msd" else ()) + tuple(LAYERS)
+    toks = np.array([5, 6] + [90] * 5 + [91] + [7, 8, 9, 10, 11, 12, 13])
+    req = DraftRequest("r", toks, 12, [13], 6)
+    g = torch.Generator().manual_seed(3)
+    st = CommittedStates(torch.arange(14), torch.randn(14, len(whole.hidden_layers) * HT,
+                                                       generator=g))
+    (a,) = whole.propose([req], StepContext(hidden_states=[st]))
+    for cut in (4, 8):     # inside the span; right after its last token
+        parts = bound()
+        parts.propose([req], StepContext(hidden_states=[
+            CommittedStates(st.positions[:cut], st.states[:cut])]))
+        (b,) = parts.propose([req], StepContext(hidden_states=[
+            CommittedStates(st.positions[cut:], st.states[cut:])]))
+        assert b.tokens == a.tokens, cut
+    other = st.states.clone()
+    other[2:8] = torch.randn(6, other.shape[1], generator=g)
+    drafts = {tuple(bound().propose([req], StepContext(hidden_states=[
+        CommittedStates(st.positions, s)]))[0].tokens) for s in (st.states, other)}
+    assert len(drafts) == 2
 
 
 def test_option_errors_name_the_field():
