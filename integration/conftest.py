@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -83,26 +84,24 @@ def dflash_drafter(default_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vision_drafters(dflash_drafter, tmp_path_factory) -> dict[str, str]:
-    """The CI drafter with each vision adaptor (models/vision.py) added, its weights
-    random (the global feature's projection too, so every path of the adaptor acts):
-    ``{"vispec": dir, "msd": dir}``."""
-    import torch
+def vision_drafters(vlm_model, dflash_drafter, tmp_path_factory) -> dict[str, str]:
+    """The image stage of the drafter trainer at CI's size on the VLM testbed, from the CI
+    drafter (the testbed's language model is the default model), once per vision adaptor:
+    ``{"vispec": dir, "msd": dir}`` (the two share the stage's generation and features)."""
+    from integration.vllm_server import engine_env
 
-    from spec_plugins.models.dflash import DFlashDrafter
-    from spec_plugins.models.vision import VisionConfig
-
-    # The shared embedding / head are not saved: placeholders do.
-    text = DFlashDrafter.from_pretrained(dflash_drafter, embed_tokens=torch.zeros(1, 1),
-                                         lm_head_weight=torch.zeros(1, 1))
-    g = torch.Generator().manual_seed(0)
     out = {}
     for style in ("vispec", "msd"):
-        m = text.with_vision(VisionConfig(style))
-        with torch.no_grad():
-            for name, p in m.vision.named_parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
         d = tmp_path_factory.mktemp(f"dflash-{style}")
-        m.save_pretrained(d)
+        p = subprocess.run([sys.executable, "-m", "spec_plugins.tools.train_drafter", "--tiny",
+                            "--model", vlm_model, "--vision", style, "--init-from", dflash_drafter,
+                            "--image-prompts", "8", "--max-new-tokens", "24", "--max-len", "256",
+                            "--out", str(d)],
+                           capture_output=True, text=True, timeout=1200, env=engine_env())
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        report = json.loads((d / "train_report.json").read_text())
+        assert report["eval"]["per_position_accuracy"] and report["step"] > 0
+        assert json.loads((d / "config.json").read_text())["dflash_config"]["vision"]["style"] \
+            == style
         out[style] = str(d)
     return out

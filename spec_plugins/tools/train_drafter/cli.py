@@ -24,9 +24,14 @@ def parse_args(argv) -> Settings:
                     help="JSON list of prompts never trained on (e.g. a benchmark's)")
     ap.add_argument("--init-from", default=None, help="start from this drafter checkpoint")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the test suite's)")
+    ap.add_argument("--vision", choices=["vispec", "msd", "none"], default=None,
+                    help="the image stage: --model is a VLM, --init-from the text stage's "
+                         "drafter for its language model; adds this vision adaptor (none: "
+                         "the same drafter trained on the image data without one)")
     for f in ("num_prompts", "max_new_tokens", "max_len", "draft_layers", "block_size", "min_block",
               "vocab",
-              "steps", "batch", "anchors", "warmup", "save_every", "seed", "threads", "eval_anchors"):
+              "steps", "batch", "anchors", "warmup", "save_every", "seed", "threads", "eval_anchors",
+              "num_queries", "image_prompts"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lr", "weight_decay", "gamma", "heldout"):
         ap.add_argument("--" + f.replace("_", "-"), type=float, default=None)

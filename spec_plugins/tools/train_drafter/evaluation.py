@@ -9,10 +9,13 @@ from spec_plugins.tools.train_drafter.features import FeatureSet
 from spec_plugins.tools.train_drafter.settings import Settings
 
 
-def evaluate(d, feats: FeatureSet, idx: list[int], s: Settings, k: int, seed: int = 1234) -> dict:
+def evaluate(d, feats: FeatureSet, idx: list[int], s: Settings, k: int, seed: int = 1234,
+             image_ids=None) -> dict:
     """Per-position accuracy (draft argmax mapped to target ids == target argmax) on the
     held-out sequences, and the mean greedy acceptance length it implies per block."""
     import torch
+
+    from spec_plugins.tools.train_drafter.training import drafter_inputs
     gen = torch.Generator().manual_seed(seed)
     correct = torch.zeros(k)
     count = torch.zeros(k)
@@ -27,7 +30,8 @@ def evaluate(d, feats: FeatureSet, idx: list[int], s: Settings, k: int, seed: in
             anc = torch.arange(plen, L - 1)
             if len(anc) > s.eval_anchors:
                 anc = anc[torch.randperm(len(anc), generator=gen)[:s.eval_anchors]].sort().values
-            logits = d.forward_train(st[None], tok[anc][None], anc[None], k)[0]  # [A, k, Vd]
+            st, image = drafter_inputs(d, st[None], tok[None], image_ids)
+            logits = d.forward_train(st, tok[anc][None], anc[None], k, image=image)[0]  # [A, k, Vd]
             draft = d.draft_to_target(logits.argmax(-1))  # [A, k] target ids
             src = anc[:, None] + torch.arange(k)[None]  # position p + j - 1
             lab = pred[src.clamp(max=L - 1)]
@@ -46,17 +50,19 @@ def evaluate(d, feats: FeatureSet, idx: list[int], s: Settings, k: int, seed: in
             "blocks": len(runs)}
 
 
-def evaluate_heldout(d, feats: FeatureSet, held: list[int], s: Settings) -> dict:
+def evaluate_heldout(d, feats: FeatureSet, held: list[int], s: Settings, image_ids=None) -> dict:
     """``evaluate`` at the trained block length, at the shortest one trained (when they
     differ) and per prompt source (when there are several)."""
     k = s.block_size - 1
     if not held:
         return {}
-    ev = evaluate(d, feats, held, s, k)
+    ev = evaluate(d, feats, held, s, k, image_ids=image_ids)
     if s.min_block < s.block_size:
-        ev["short_block"] = evaluate(d, feats, held, s, max(s.min_block, 2) - 1)
+        ev["short_block"] = evaluate(d, feats, held, s, max(s.min_block, 2) - 1,
+                                     image_ids=image_ids)
     names = sorted(set(feats.names))
     if len(names) > 1:
-        ev["per_source"] = {n: evaluate(d, feats, [i for i in held if feats.source(i) == n], s, k)
+        ev["per_source"] = {n: evaluate(d, feats, [i for i in held if feats.source(i) == n], s, k,
+                                        image_ids=image_ids)
                             for n in names}
     return ev

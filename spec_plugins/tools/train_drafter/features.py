@@ -95,15 +95,21 @@ def hidden_states(model_obj, ids, att, deepest: int):
 
 
 def extract_features(model_obj, seqs: list[list[int]], prompt_lens: list[int], layers: list[int],
-                     out: Path, batch_tokens: int = 2048) -> dict:
+                     out: Path, batch_tokens: int = 2048, forward=None,
+                     hidden_size: int | None = None) -> dict:
+    """Layer ``-1`` is the input embeddings. ``forward(group, ids, att)``: the hidden-state
+    tuple of sequences ``group`` (default: the text model's, :func:`hidden_states`)."""
     import torch
+    if forward is None:
+        def forward(group, ids, att):
+            return hidden_states(model_obj, ids, att, max(layers))
     with atomic_dir(out) as tmp:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         lens = [len(s) for s in seqs]
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lens)
         total = int(offsets[-1])
-        H = model_obj.config.hidden_size
+        H = hidden_size or model_obj.config.hidden_size
         F = len(layers) * H
         tokens = np.memmap(tmp / "tokens.bin", dtype=np.int32, mode="w+", shape=(total,))
         preds = np.memmap(tmp / "preds.bin", dtype=np.int32, mode="w+", shape=(total,))
@@ -122,7 +128,7 @@ def extract_features(model_obj, seqs: list[list[int]], prompt_lens: list[int], l
                 ids[r, :lens[g]] = torch.tensor(seqs[g])
                 att[r, :lens[g]] = 1
             with torch.no_grad():
-                hidden = hidden_states(model_obj, ids, att, max(layers))
+                hidden = forward(group, ids, att)
             hs = torch.cat([hidden[l + 1] for l in layers], dim=-1)  # output of layer l
             for r, g in enumerate(group):
                 a, L = int(offsets[g]), lens[g]

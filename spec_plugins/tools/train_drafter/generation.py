@@ -141,11 +141,24 @@ def generate_vllm(model: str, prompt_ids: list[list[int]], max_new: int, seed: i
                   temperature: float = 0.0, stop_token_ids: list[int] | None = None) -> list[list[int]]:
     """vLLM offline generation in a subprocess (the engine pins threads/cores, which must not
     leak into the training process): greedy, or sampled from the engine seeded with ``seed``."""
+    return _vllm_job({"model": model, "prompts": prompt_ids, "max_new": max_new, "seed": seed,
+                      "temperature": temperature, "stop_token_ids": stop_token_ids or []})
+
+
+def generate_vllm_chat(model: str, conversations: list[list[dict]], max_new: int, seed: int
+                       ) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy answers of a (multimodal) model to OpenAI-style conversations (images as
+    ``image_url`` data URIs), through vLLM offline: the prompts' token ids as the engine
+    expanded them (image placeholders included) and the answers'."""
+    r = _vllm_job({"model": model, "conversations": conversations, "max_new": max_new,
+                   "seed": seed})
+    return r["prompt_ids"], r["outputs"]
+
+
+def _vllm_job(job: dict):
     with tempfile.TemporaryDirectory() as d:
         inp, out = Path(d) / "in.json", Path(d) / "out.json"
-        inp.write_text(json.dumps({"model": model, "prompts": prompt_ids, "max_new": max_new,
-                                   "seed": seed, "temperature": temperature,
-                                   "stop_token_ids": stop_token_ids or []}))
+        inp.write_text(json.dumps(job))
         env = dict(os.environ)
         iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
         if iomp.exists() and "libiomp5" not in env.get("LD_PRELOAD", ""):
@@ -165,6 +178,19 @@ def vllm_generate_main(inp: str, out: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     job = json.loads(Path(inp).read_text())
+    chats = job.get("conversations")
+    if chats:
+        images = max(sum(isinstance(c, dict) and c.get("type") == "image_url"
+                         for m in conv if isinstance(m["content"], list) for c in m["content"])
+                     for conv in chats)
+        llm = LLM(model=job["model"], dtype="float32", max_model_len=2048,
+                  kv_cache_memory_bytes=2 << 30, seed=job["seed"], enable_prefix_caching=False,
+                  distributed_executor_backend="uni", limit_mm_per_prompt={"image": images})
+        sp = SamplingParams(max_tokens=job["max_new"], temperature=0.0, detokenize=False)
+        res = llm.chat(chats, sp)
+        Path(out).write_text(json.dumps({"prompt_ids": [list(r.prompt_token_ids) for r in res],
+                                         "outputs": [list(r.outputs[0].token_ids) for r in res]}))
+        return
     longest = max(len(p) for p in job["prompts"]) + job["max_new"]
     llm = LLM(model=job["model"], dtype="float32", max_model_len=max(longest, 512),
               kv_cache_memory_bytes=2 << 30, seed=job["seed"], enable_prefix_caching=False,

@@ -70,6 +70,8 @@ def run(s: Settings) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if s.threads:
         torch.set_num_threads(s.threads)
+    if s.vision:
+        return run_image_stage(s)
     t_start = time.time()
     cost = {"threads": torch.get_num_threads()}
     model_dir, tok, target = load_target(s)
@@ -88,14 +90,75 @@ def run(s: Settings) -> dict:
     drafter = make_drafter(s, target, s.target_layers, vocab)
     step, history = train(s, drafter, feats, train_ids, vocab.t2d, out, cost)
 
+    return finish(s, drafter, feats, held, out, cost, t_start, step, history,
+                  {"vocab_coverage": vocab.coverage, "mask_token_id": vocab.mask_id,
+                   "caches": data.caches, "dropped_prompts": dropped})
+
+
+def run_image_stage(s: Settings) -> dict:
+    """The image stage: the text stage's drafter (``--init-from``, trained for the VLM's
+    language model) goes on training on the VLM's own answers to image requests, with the
+    vision adaptor ``s.vision`` added (or none: the comparison it is measured against)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from spec_plugins.adapter.session import placeholder_token_ids
+    from spec_plugins.models.dflash import DFlashDrafter
+    from spec_plugins.models.vision import VisionConfig
+    from spec_plugins.tools.train_drafter.features import FeatureSet
+    from spec_plugins.tools.train_drafter.images import image_data
+    from spec_plugins.tools.train_drafter.training import tie_k_norm
+
+    if not s.model or not s.init_from:
+        raise SystemExit("--vision trains the image stage: --model VLM_DIR --init-from "
+                         "TEXT_DRAFTER (the text stage's drafter for the VLM's language model)")
+    t_start = time.time()
+    cost = {"threads": torch.get_num_threads()}
+    vlm_dir = str(Path(s.model).resolve())
+    vlm = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32)
+    text = DFlashDrafter.from_pretrained(
+        s.init_from, embed_tokens=vlm.get_input_embeddings().weight.detach(),
+        lm_head_weight=vlm.get_output_embeddings().weight.detach())
+    del vlm
+    # The stage goes on training the text stage's drafter: its block length.
+    s.block_size, s.min_block = text.config.block_size, min(s.min_block, text.config.block_size)
+    data = image_data(vlm_dir, text.config.target_layer_ids, s.image_prompts,
+                      s.max_new_tokens, s.max_len, s.seed)
+    cost.update(generate_s=data.generate_s, features_s=data.features_s,
+                tokens_generated=data.tokens_generated)
+    feats = FeatureSet([data.features], ["images"])
+    cost["feature_tokens"] = feats.num_tokens
+    train_ids, held, dropped = split_heldout(data.prompts, s.exclude_prompts, s.heldout, s.seed)
+    image_ids = torch.tensor(sorted(placeholder_token_ids(AutoConfig.from_pretrained(vlm_dir),
+                                                          vlm_dir)))
+    drafter = text.with_vision(None if s.vision == "none" else
+                               VisionConfig(s.vision, s.num_queries))
+    if s.tie_k_norm:
+        tie_k_norm(drafter)
+    drafter.train()
+    log(f"image stage: {len(train_ids)} training / {len(held)} held-out image requests; "
+        f"{drafter.describe()}")
+    t2d = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long)
+    rows = drafter.target_ids
+    t2d[rows if rows is not None else torch.arange(len(t2d))] = torch.arange(
+        drafter.config.out_vocab_size)
+    out = Path(s.out) if s.out else drafter_dir(vlm_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    step, history = train(s, drafter, feats, train_ids, t2d, out, cost, image_ids)
+    return finish(s, drafter, feats, held, out, cost, t_start, step, history,
+                  {"dropped_prompts": dropped, "image_token_ids": image_ids.tolist()},
+                  image_ids)
+
+
+def finish(s: Settings, drafter, feats, held, out: Path, cost: dict, t_start: float, step: int,
+           history: list[float], extra: dict, image_ids=None) -> dict:
+    """Evaluate on the held-out sequences, write and print the report."""
     t0 = time.time()
-    ev = evaluate_heldout(drafter, feats, held, s)
+    ev = evaluate_heldout(drafter, feats, held, s, image_ids)
     cost["eval_s"] = time.time() - t0
     cost["wall_s"] = time.time() - t_start
     report = {"out": str(out), "settings": asdict(s), "cost": cost, "eval": ev,
-              "loss_first": history[:5], "loss_last": history[-5:],
-              "vocab_coverage": vocab.coverage, "mask_token_id": vocab.mask_id,
-              "caches": data.caches, "dropped_prompts": dropped, "step": step}
+              "loss_first": history[:5], "loss_last": history[-5:], "step": step, **extra}
     name = f"eval_report_step{step}.json" if s.eval_only else "train_report.json"
     (out / name).write_text(json.dumps(report, indent=2))
     print_report(report)

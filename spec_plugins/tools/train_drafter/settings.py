@@ -41,6 +41,12 @@ class Settings:
     eval_anchors: int = 64  # per held-out sequence (at most)
     eval_only: bool = False  # evaluate the last checkpoint in --out, train nothing
     init_from: str = ""  # start from this drafter checkpoint (same target; rows mapped by token)
+    # The image stage (``--model`` a VLM whose language model the ``--init-from`` drafter
+    # was trained for): "vispec" / "msd" add that vision adaptor (models/vision.py),
+    # "none" trains the same drafter on the same image data without one; "" = text stage.
+    vision: str = ""
+    num_queries: int = 4  # vispec: context rows per image span
+    image_prompts: int = 240
 
     @classmethod
     def tiny(cls, **kw) -> "Settings":

@@ -217,7 +217,19 @@ def batch(feats: FeatureSet, idx: list[int], s: Settings, gen, t2d, k: int):
             lab = torch.where(p_ >= 0, t2d[p_.clamp(min=0)], torch.full_like(p_, -1))
             labels[b, :, j - 1] = torch.where(ok & (lab >= 0), lab, torch.full_like(lab, -100))
     first = tokens.gather(1, anchors)
-    return states, first, anchors, labels
+    return states, tokens, first, anchors, labels
+
+
+def drafter_inputs(drafter, states, tokens, image_ids):
+    """What a drafter reads of a batch: the states' last ``state_width`` columns (image
+    features store the input embeddings first, which only msd reads) and, with a vision
+    adaptor, the image positions ``[B, S]`` (placeholder tokens ``image_ids``)."""
+    import torch
+    states = states[..., states.shape[-1] - drafter.config.state_width:]
+    image = None
+    if drafter.vision is not None and image_ids is not None:
+        image = torch.isin(tokens, image_ids)
+    return states, image
 
 
 def loss(logits, labels, gamma: float):
@@ -246,10 +258,11 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def train(s: Settings, drafter, feats: FeatureSet, train_ids: list[int], t2d, out: Path,
-          cost: dict) -> tuple[int, list[float]]:
+          cost: dict, image_ids=None) -> tuple[int, list[float]]:
     """Train ``drafter`` up to ``s.steps``, resuming from ``out/train_state.pt`` when it
     exists, saving every ``s.save_every`` steps; returns the step reached and the loss
-    history. Adds ``resumed_from``, ``train_s`` and ``positions_trained`` to ``cost``."""
+    history. Adds ``resumed_from``, ``train_s`` and ``positions_trained`` to ``cost``.
+    ``image_ids``: the target's image placeholder ids (the image stage)."""
     import torch
     k = s.block_size - 1
     opt = torch.optim.AdamW(drafter.parameters(), lr=s.lr, weight_decay=s.weight_decay,
@@ -279,10 +292,11 @@ def train(s: Settings, drafter, feats: FeatureSet, train_ids: list[int], t2d, ou
         # size on CPUs), and every slot attends to every other, so train the lengths it meets.
         kk = int(torch.randint(max(s.min_block, 2) - 1, k + 1, (1,), generator=gen)) \
             if s.min_block < s.block_size else k
-        states, first, anchors, labels = batch(feats, idx, s, gen, t2d, kk)
+        states, tokens, first, anchors, labels = batch(feats, idx, s, gen, t2d, kk)
+        states, image = drafter_inputs(drafter, states, tokens, image_ids)
         for g in opt.param_groups:
             g["lr"] = lr_at(s, step)
-        logits = drafter.forward_train(states, first, anchors, kk)
+        logits = drafter.forward_train(states, first, anchors, kk, image=image)
         step_loss = loss(logits, labels, s.gamma)
         opt.zero_grad(set_to_none=True)
         step_loss.backward()
