@@ -263,6 +263,21 @@ def run_rounds(names, model, cats, plan, max_tokens, log_dir, drafter, draft_off
     return res, choices
 
 
+def with_drafters(configs: list[str], drafters: list[str]) -> list[str]:
+    """``configs`` with each one that takes a drafter replaced by one per ``LABEL=DIR``
+    (``CONFIG:LABEL``, added to ``CONFIGS``)."""
+    out = []
+    for c in configs:
+        if "{drafter}" not in json.dumps(CONFIGS[c]):
+            out.append(c)
+            continue
+        for d in drafters:
+            label, _, path = d.partition("=")
+            CONFIGS[f"{c}:{label}"] = tuple(with_drafter(x, path) for x in CONFIGS[c])
+            out.append(f"{c}:{label}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(ap, list(CONFIGS))
@@ -275,6 +290,9 @@ def main():
                     "needs memory for all servers)")
     ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
                     "(default: the one spec-plugins-train-drafter built for the model)")
+    ap.add_argument("--drafters", nargs="+", default=[], metavar="LABEL=DIR",
+                    help="serve every dflash config once per drafter, named CONFIG:LABEL "
+                         "(e.g. a text-only drafter beside vision-adapted ones)")
     ap.add_argument("--baseline", default=None, metavar="CHECKOUT", help="with --interleave: "
                     "also serve every spec_plugins configuration from the spec_plugins of this "
                     "checkout (e.g. a git worktree of an earlier commit), named CONFIG"
@@ -290,6 +308,8 @@ def main():
         print(f"no DFlash drafter at {a.drafter} (spec-plugins-train-drafter builds it): "
               "leaving out the configs that need one", file=sys.stderr)
         a.configs = [c for c in a.configs if "{drafter}" not in json.dumps(CONFIGS[c])]
+    if a.drafters:
+        a.configs = with_drafters(a.configs, a.drafters)
     if a.interleave and a.rounds != 1:
         ap.error("--interleave runs one round (use more prompts: --n)")
     if a.baseline:

@@ -66,10 +66,11 @@ def assert_outputs_equal(expected, got, label: str) -> None:
         assert s == v, f"{label}, prompt {i}: output differs from vanilla"
 
 
-def check_aborts_leave_others_intact(url, vanilla, conversations=CONVERSATIONS) -> None:
-    """Abort the first 4 of 8 conversations mid-stream while the other 4 run: those must
-    equal vanilla's 8-concurrent outputs; then the aborted prompts, re-sent (their cached
-    blocks reused by prefix caching), must equal vanilla's batch-1 outputs."""
+def check_aborts_leave_others_intact(url, vanilla, conversations=CONVERSATIONS, **kw) -> None:
+    """Abort the first half of the conversations mid-stream while the other half runs:
+    those must equal vanilla's concurrent outputs; then the aborted prompts, re-sent (their
+    cached blocks reused by prefix caching), must equal vanilla's batch-1 outputs.
+    ``kw``: more request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600)
@@ -83,15 +84,16 @@ def check_aborts_leave_others_intact(url, vanilla, conversations=CONVERSATIONS) 
                 break
         stream.close()  # the server aborts the request mid-generation
 
-    with ThreadPoolExecutor(8) as pool:
-        aborted = [pool.submit(abandoned, m) for m in conversations[:4]]
-        kept = [pool.submit(complete, url, m, temperature=0) for m in conversations[4:8]]
+    half = len(conversations) // 2
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        aborted = [pool.submit(abandoned, m) for m in conversations[:half]]
+        kept = [pool.submit(complete, url, m, temperature=0, **kw) for m in conversations[half:]]
         for f in aborted:
             f.result()
         for i, f in enumerate(kept):
-            assert f.result() == vanilla[1][4 + i], f"prompt {4 + i} changed by aborts"
-    for i in range(4):
-        assert complete(url, conversations[i], temperature=0) == vanilla[0][i], \
+            assert f.result() == vanilla[1][half + i], f"prompt {half + i} changed by aborts"
+    for i in range(half):
+        assert complete(url, conversations[i], temperature=0, **kw) == vanilla[0][i], \
             f"prompt {i} re-sent after its abort"
 
 

@@ -5,7 +5,9 @@ Transformers backend (``--model-impl transformers``), image processor included.
 Suffix trees (model-free, like every method this backend can run: it captures no hidden
 states, so ``dflash`` refuses at start-up) give SGLang's own outputs without speculation,
 token for token, at batch 1 and all concurrent over one image, two images and an image in
-the middle of a chat; seeded sampling is reproducible.
+the middle of a chat, on a KV pool small enough that the concurrent requests are
+retracted (SGLang's preemption) and with two of them aborted mid-stream; seeded sampling
+is reproducible.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from integration.client import (SGLANG_IDS, assert_outputs_equal, check_seeded_sampling,
+from integration.client import (SGLANG_IDS, assert_outputs_equal,
+                                check_aborts_leave_others_intact, check_seeded_sampling,
                                 run_all, sglang_complete)
 from integration.prompts import prompts
 from integration.sglang_server import SMALL_POOL, log_file, sglang_available, sglang_server
+from integration.vllm_server import counter
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(sglang_available() is not None,
@@ -34,14 +38,20 @@ def test_suffix_trees_on_images_equal_sglang_without_speculation(vlm_model):
     with sglang_server(vlm_model, TRANSFORMERS_BACKEND) as url:
         vanilla = run_all(url, CONVS, extra_body=SGLANG_IDS)
     log = log_file("vlm-suffix-tree")
+    # A pool about two requests deep, admitted optimistically: decoding runs out and
+    # retracts (as integration/load_suite.py does for SGLang).
     flags = TRANSFORMERS_BACKEND + ["--speculative-algorithm", "spec_plugins.suffix",
-                                    "--speculative-num-draft-tokens", "17"]
+                                    "--speculative-num-draft-tokens", "17",
+                                    "--max-total-tokens", "520",
+                                    "--schedule-conservativeness", "0.05", "--enable-metrics"]
     options = {"tree": True, "payoff_gate": False}
     with sglang_server(vlm_model, flags, env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)},
                        log_path=log) as url:
         batch1 = [sglang_complete(url, m, temperature=0) for m in CONVS]
         with ThreadPoolExecutor(len(CONVS)) as pool:
             batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0)[0], CONVS))
+        assert counter(url, "sglang:num_retracted_requests_total") > 0, "nothing was retracted"
+        check_aborts_leave_others_intact(url, vanilla, CONVS, extra_body=SGLANG_IDS)
         check_seeded_sampling(url, vanilla[0], conversations=CONVS, extra_body=SGLANG_IDS)
     assert_outputs_equal(vanilla[0], [b[0] for b in batch1], "suffix trees, images, batch 1")
     assert_outputs_equal(vanilla[1], batch8, "suffix trees, images, 8 concurrent")
