@@ -264,15 +264,19 @@ def run_rounds(names, model, cats, plan, max_tokens, log_dir, drafter, draft_off
 
 
 def with_drafters(configs: list[str], drafters: list[str]) -> list[str]:
-    """``configs`` with each one that takes a drafter replaced by one per ``LABEL=DIR``
-    (``CONFIG:LABEL``, added to ``CONFIGS``)."""
+    """``configs`` with each one that takes a drafter replaced by one per
+    ``LABEL=DIR[@CONFIG,...]`` (``CONFIG:LABEL``, added to ``CONFIGS``; with ``@``, only
+    for the configs listed)."""
     out = []
     for c in configs:
         if "{drafter}" not in json.dumps(CONFIGS[c]):
             out.append(c)
             continue
         for d in drafters:
-            label, _, path = d.partition("=")
+            label, _, rest = d.partition("=")
+            path, _, only = rest.partition("@")
+            if only and c not in only.split(","):
+                continue
             CONFIGS[f"{c}:{label}"] = tuple(with_drafter(x, path) for x in CONFIGS[c])
             out.append(f"{c}:{label}")
     return out
@@ -290,9 +294,10 @@ def main():
                     "needs memory for all servers)")
     ap.add_argument("--drafter", default=None, help="DFlash drafter for the dflash configs "
                     "(default: the one spec-plugins-train-drafter built for the model)")
-    ap.add_argument("--drafters", nargs="+", default=[], metavar="LABEL=DIR",
-                    help="serve every dflash config once per drafter, named CONFIG:LABEL "
-                         "(e.g. a text-only drafter beside vision-adapted ones)")
+    ap.add_argument("--drafters", nargs="+", default=[], metavar="LABEL=DIR[@CONFIG,...]",
+                    help="serve every dflash config (or those after @) once per drafter, "
+                         "named CONFIG:LABEL (e.g. a text-only drafter beside "
+                         "vision-adapted ones)")
     ap.add_argument("--baseline", default=None, metavar="CHECKOUT", help="with --interleave: "
                     "also serve every spec_plugins configuration from the spec_plugins of this "
                     "checkout (e.g. a git worktree of an earlier commit), named CONFIG"
