@@ -8,9 +8,9 @@ cache, images included), over one image, two images in one message, and an image
 the middle of a multi-turn chat. Suffix trees at batch 1, then under preemption, with
 aborts, and with seeded sampling (one server with a small KV cache); DEL drafting with
 all of the language model's layers has its drafts accepted, which pins the draft KV
-beside the image's; dflash reads the target's states at image positions through each
-vision adaptor (vispec: image spans compressed by learned queries, a global image
-feature in every draft input; msd: image rows from the target's input embeddings).
+beside the image's; dflash reads the target's states at image positions through a
+vision adaptor trained by the drafter trainer's image stage (msd: image rows from the
+target's input embeddings, which vLLM's auxiliary outputs hand over as layer -1).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ SERVERS = {
     "del-full-depth": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
                        {"spec_plugins": {"exit_layer": 30, "min_confidence": 0.0,
                                          "payoff_gate": False}}),
-    # The CI drafter with each vision adaptor (integration/conftest.py: vision_drafters).
-    "dflash-vispec": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 8}, None),
+    # The CI drafter after the image stage with the msd adaptor (integration/conftest.py:
+    # vision_drafter): its rows at image positions need the target's input embeddings,
+    # the one engine-side difference of a vision drafter (vispec's serving path is the
+    # proposer's alone: tests/proposers/test_dflash.py).
     "dflash-msd": ({"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 8}, None),
 }
 
@@ -51,10 +53,9 @@ def vlm_vanilla(vlm_model):
 @pytest.fixture(scope="module", params=sorted(SERVERS))
 def vlm_server(request, vlm_model):
     spec, extra = SERVERS[request.param]
-    if request.param.startswith("dflash-"):
+    if request.param == "dflash-msd":
         # The default model's drafter: the testbed's language model is that model.
-        style = request.param.removeprefix("dflash-")
-        extra = {"spec_plugins": {"drafter": request.getfixturevalue("vision_drafters")[style],
+        extra = {"spec_plugins": {"drafter": request.getfixturevalue("vision_drafter"),
                                   "payoff_gate": False}}
     log = log_file("vlm-" + request.param)
     with vllm_server(vlm_model, spec, extra, log_path=log) as url:
