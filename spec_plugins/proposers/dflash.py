@@ -52,9 +52,10 @@ class _State(BlockState):
         self.gap = False            # the context lacks rows (prefix-cache miss)
         self.cached = False         # its prompt's context is in the PromptContextCache
         # Vision adaptor: states of an image span a prefill chunk cut (whole spans only
-        # enter the context), and the global features of the spans in the context.
+        # enter the context), and the mean global feature of the spans in the context.
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.image_globals: list[torch.Tensor] = []
+        self.image_global: torch.Tensor | None = None
+        self.num_images = 0
 
 
 class PromptContextCache:
@@ -204,7 +205,10 @@ class DFlashProposer(BlockProposer):
                                                             image[:keep])
             st.context.append_rows(h, pos)
             if glob is not None:
-                st.image_globals.extend(glob[0])
+                total = glob[0].sum(0) + (st.image_global * st.num_images
+                                          if st.num_images else 0)
+                st.num_images += len(glob[0])
+                st.image_global = total / st.num_images
 
     def _can_draft(self, st: _State) -> bool:
         return len(st.context) > 0
@@ -215,10 +219,10 @@ class DFlashProposer(BlockProposer):
         first = torch.tensor([int(r.token_ids[-1]) for r in reqs], device=dev)
         pos = torch.tensor([len(r.token_ids) - 1 for r in reqs], device=dev)
         glob = None
-        if any(s.image_globals for s in states):
+        if any(s.num_images for s in states):
             H = self.model.config.hidden_size
-            glob = torch.stack([torch.stack(s.image_globals).mean(0) if s.image_globals
-                                else torch.zeros(H, device=dev) for s in states])
+            glob = torch.stack([s.image_global if s.num_images else torch.zeros(H, device=dev)
+                                for s in states])
         return self.model.draft_block([s.context for s in states], first, pos, length,
                                       image_global=glob)
 

@@ -107,7 +107,7 @@ def run_image_stage(s: Settings) -> dict:
     from spec_plugins.models.vision import VisionConfig
     from spec_plugins.tools.train_drafter.features import FeatureSet
     from spec_plugins.tools.train_drafter.images import image_data
-    from spec_plugins.tools.train_drafter.training import tie_k_norm
+    from spec_plugins.tools.train_drafter.training import target_to_draft, tie_k_norm
 
     if not s.model or not s.init_from:
         raise SystemExit("--vision trains the image stage: --model VLM_DIR --init-from "
@@ -138,10 +138,9 @@ def run_image_stage(s: Settings) -> dict:
     drafter.train()
     log(f"image stage: {len(train_ids)} training / {len(held)} held-out image requests; "
         f"{drafter.describe()}")
-    t2d = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long)
     rows = drafter.target_ids
-    t2d[rows if rows is not None else torch.arange(len(t2d))] = torch.arange(
-        drafter.config.out_vocab_size)
+    t2d = target_to_draft(rows if rows is not None else torch.arange(drafter.config.vocab_size),
+                          drafter.config.vocab_size)
     out = Path(s.out) if s.out else drafter_dir(vlm_dir)
     out.mkdir(parents=True, exist_ok=True)
     step, history = train(s, drafter, feats, train_ids, t2d, out, cost, image_ids)

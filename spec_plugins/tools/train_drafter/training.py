@@ -67,6 +67,15 @@ class DraftVocabulary:
         return len(self.t2d) if self.ids is None else len(self.ids)
 
 
+def target_to_draft(draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The draft row of every target id ``[vocab_size]`` (-1: not drafted), from the target
+    id of every draft row ``draft_ids``."""
+    import torch
+    t2d = torch.full((vocab_size,), -1, dtype=torch.long)
+    t2d[draft_ids] = torch.arange(len(draft_ids))
+    return t2d
+
+
 def draft_vocabulary(feats: FeatureSet, train: list[int], tok, vocab_size: int,
                      keep: int) -> DraftVocabulary:
     """The ``keep`` most frequent labels of the training sequences (0 or at least the
@@ -81,8 +90,7 @@ def draft_vocabulary(feats: FeatureSet, train: list[int], tok, vocab_size: int,
         top = np.argsort(-counts, kind="stable")[:keep]
         ids = np.sort(top)
         cover = counts[top].sum() / max(counts.sum(), 1)
-        t2d = torch.full((vocab_size,), -1, dtype=torch.long)
-        t2d[torch.as_tensor(ids)] = torch.arange(len(ids))
+        t2d = target_to_draft(torch.as_tensor(ids), vocab_size)
     else:
         ids, cover, t2d = None, 1.0, torch.arange(vocab_size)
     return DraftVocabulary(ids, cover, t2d, mask_id)
