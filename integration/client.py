@@ -10,6 +10,9 @@ MAX_TOKENS = 64
 # What SGLang needs in a request's extra_body to return the output's token ids.
 SGLANG_IDS = {"return_output_ids_in_sglext": True}
 CONVERSATIONS = prompts("code_edit", 4) + prompts("humaneval", 2) + prompts("chat", 2)
+# The conversations a speculating server is also sent one at a time: one or two of each
+# kind (the single-request path; all eight also go concurrently). Vanilla runs all alone.
+ALONE = (0, 1, 4, 6)
 
 
 def complete(url, messages, **kw) -> list[int]:
@@ -31,9 +34,11 @@ def complete(url, messages, **kw) -> list[int]:
     return list(ids)
 
 
-def run_all(url, conversations=CONVERSATIONS, **kw):
-    """Greedy outputs one request at a time, then all of them concurrently."""
-    batch1 = [complete(url, m, temperature=0, **kw) for m in conversations]
+def run_all(url, conversations=CONVERSATIONS, alone=None, **kw):
+    """Greedy outputs one request at a time (the conversations indexed by ``alone``,
+    default all), then all of them concurrently."""
+    alone = range(len(conversations)) if alone is None else alone
+    batch1 = [complete(url, conversations[i], temperature=0, **kw) for i in alone]
     with ThreadPoolExecutor(len(conversations)) as pool:
         batch8 = list(pool.map(lambda m: complete(url, m, temperature=0, **kw), conversations))
     return batch1, batch8
@@ -57,6 +62,16 @@ def run_preempting(url, conversations=CONVERSATIONS) -> list:
             if i in (first, second):
                 time.sleep(0.3)  # arrival order is admission order (FCFS)
         return [futures[i].result() for i in range(len(conversations))]
+
+
+def check_greedy_equal(url, vanilla, label: str, conversations=CONVERSATIONS,
+                       alone=ALONE, **kw) -> None:
+    """A speculating server's greedy outputs equal vanilla's (``vanilla``: its batch-1 and
+    concurrent outputs of every conversation): ``alone`` one at a time, then all at once."""
+    batch1, batch8 = run_all(url, conversations, alone, **kw)
+    for i, got in zip(alone, batch1):
+        assert got == vanilla[0][i], f"{label}, batch 1, prompt {i}: output differs from vanilla"
+    assert_outputs_equal(vanilla[1], batch8, f"{label}, {len(conversations)} concurrent")
 
 
 def assert_outputs_equal(expected, got, label: str) -> None:
@@ -101,39 +116,32 @@ def check_aborts_leave_others_intact(url, vanilla, conversations=CONVERSATIONS, 
 SEEDS = (1234, 4321)
 
 
-def check_seeded_sampling(url, greedy, prompt: int = 0, temperature: float = 0.8,
-                          conversations=CONVERSATIONS, **kw) -> None:
-    """Seeded sampling is reproducible and really samples: one seed gives the same token
-    ids twice, another seed other ids, and neither is the greedy output (``greedy``: the
-    greedy outputs of ``CONVERSATIONS``, e.g. vanilla's at batch 1). ``prompt``:
-    CONVERSATIONS[0] edits code, so drafts are accepted while sampling. ``kw``: more
-    request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
-    def sample(seed):
-        return complete(url, conversations[prompt], temperature=temperature, seed=seed, **kw)
-
-    first, again, other = sample(SEEDS[0]), sample(SEEDS[0]), sample(SEEDS[1])
-    assert first == again, f"seed {SEEDS[0]}: two runs gave different outputs"
-    assert first != other, f"seeds {SEEDS}: the same output (is the seed ignored?)"
-    assert greedy[prompt] not in (first, other), "a sampled output equals the greedy one"
-
-
-def check_seeded_after_traffic(url, temperature: float = 0.8, seed: int = 3, **kw) -> None:
-    """A seeded sampled request sent again after concurrent traffic returns the same token
-    ids. The traffic (greedy, sampled and seeded requests) includes the seeded prompt
-    itself, so every cross-request state (a suffix tree of earlier outputs, token
-    recycling's matrix, drafter caches, calibration, the prefix cache) holds its
-    continuations by then; a method whose drafts for the seeded request depended on that
-    state would verify other drafts, draw other random numbers, and answer otherwise.
+def check_seeded(url, seeded=None, traffic=CONVERSATIONS, temperature: float = 0.8,
+                 **kw) -> None:
+    """Seeded sampling is reproducible whatever else the server did, and really samples.
+    The seeded request is sent cold (a prompt nothing else sent; ``seeded``, default a
+    chat prompt outside ``CONVERSATIONS``), with another seed, then again after concurrent
+    traffic (greedy, sampled and seeded requests) that includes it three times, so every
+    cross-request state (a suffix tree of earlier outputs, token recycling's matrix,
+    drafter caches, calibration, the prefix cache) holds its continuations by then and
+    the second run's drafts are accepted: a method whose drafts for the seeded request
+    depended on that state would verify other drafts, draw other random numbers, and
+    answer otherwise. The seeds answer differently and neither answer is greedy's.
     ``kw``: more request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
-    seeded = prompts("chat", 1, start=4)[0]
+    seeded = seeded or prompts("chat", 1, start=4)[0]
+
+    def sample(seed):
+        return complete(url, seeded, temperature=temperature, seed=seed, **kw)
+
+    first, other = sample(SEEDS[0]), sample(SEEDS[1])
     kinds = ({"temperature": 0}, {"temperature": 0.9}, {"temperature": 0.7, "seed": 11})
-    traffic = [(m, kinds[i % 3]) for i, m in enumerate(CONVERSATIONS + [seeded] * 3)]
-    first = complete(url, seeded, temperature=temperature, seed=seed, **kw)
-    with ThreadPoolExecutor(len(traffic)) as pool:
-        list(pool.map(lambda a: complete(url, a[0], **a[1], **kw), traffic))
-    again = complete(url, seeded, temperature=temperature, seed=seed, **kw)
-    assert again == first, f"seed {seed}: another output after other traffic"
-    assert first != complete(url, seeded, temperature=0, **kw), "the seeded output is greedy's"
+    sent = [(m, kinds[i % 3]) for i, m in enumerate(list(traffic) + [seeded] * 3)]
+    with ThreadPoolExecutor(len(sent)) as pool:
+        list(pool.map(lambda a: complete(url, a[0], **a[1], **kw), sent))
+    assert sample(SEEDS[0]) == first, f"seed {SEEDS[0]}: another output after other traffic"
+    assert first != other, f"seeds {SEEDS}: the same output (is the seed ignored?)"
+    assert complete(url, seeded, temperature=0, **kw) not in (first, other), \
+        "a sampled output equals the greedy one"
 
 
 def banned_token(tokens):

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from integration.client import (SGLANG_IDS, assert_outputs_equal,
-                                check_aborts_leave_others_intact, check_seeded_sampling,
-                                run_all, sglang_complete)
+                                check_aborts_leave_others_intact, check_seeded, run_all,
+                                sglang_complete)
 from integration.prompts import prompts
 from integration.sglang_server import SMALL_POOL, log_file, sglang_available, sglang_server
 from integration.vllm_server import counter
@@ -32,6 +32,7 @@ openai = pytest.importorskip("openai")
 TRANSFORMERS_BACKEND = SMALL_POOL + ["--model-impl", "transformers"]
 # One image, two images, an image mid-chat, one image.
 CONVS = prompts("image", 4)
+ALONE = (0, 1, 2)
 
 
 def test_suffix_trees_on_images_equal_sglang_without_speculation(vlm_model):
@@ -47,13 +48,15 @@ def test_suffix_trees_on_images_equal_sglang_without_speculation(vlm_model):
     options = {"tree": True, "payoff_gate": False}
     with sglang_server(vlm_model, flags, env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)},
                        log_path=log) as url:
-        batch1 = [sglang_complete(url, m, temperature=0) for m in CONVS]
+        batch1 = [sglang_complete(url, CONVS[i], temperature=0) for i in ALONE]
         with ThreadPoolExecutor(len(CONVS)) as pool:
             batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0)[0], CONVS))
         assert counter(url, "sglang:num_retracted_requests_total") > 0, "nothing was retracted"
         check_aborts_leave_others_intact(url, vanilla, CONVS, extra_body=SGLANG_IDS)
-        check_seeded_sampling(url, vanilla[0], conversations=CONVS, extra_body=SGLANG_IDS)
-    assert_outputs_equal(vanilla[0], [b[0] for b in batch1], "suffix trees, images, batch 1")
+        check_seeded(url, seeded=prompts("image", 1, start=len(CONVS))[0], traffic=CONVS,
+                     extra_body=SGLANG_IDS)
+    assert_outputs_equal([vanilla[0][i] for i in ALONE], [b[0] for b in batch1],
+                         "suffix trees, images, batch 1")
     assert_outputs_equal(vanilla[1], batch8, "suffix trees, images, 8 concurrent")
     assert sum(b[1].get("spec_num_correct_drafts", 0) for b in batch1) > 0
     with open(log, errors="replace") as f:

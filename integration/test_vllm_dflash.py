@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 
 from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
-                                check_seeded_after_traffic, check_seeded_sampling, run_all,
-                                run_preempting)
+                                check_greedy_equal, check_seeded, run_preempting)
 from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit,
                                      spec_metrics, trees_verified, vllm_server)
 
@@ -40,9 +39,7 @@ def dflash_server(request, default_model, dflash_drafter):
 
 def test_greedy_outputs_equal_vanilla(vanilla, dflash_server):
     shape, url, log = dflash_server
-    batch1, batch8 = run_all(url)
-    assert_outputs_equal(vanilla[0], batch1, f"dflash {shape}, batch 1")
-    assert_outputs_equal(vanilla[1], batch8, f"dflash {shape}, 8 concurrent")
+    check_greedy_equal(url, vanilla, f"dflash {shape}")
     m = spec_metrics(url)
     assert m.get("num_drafts", 0) > 0 and m.get("num_accepted_tokens", 0) > 0, m
     text = open(log, errors="replace").read()
@@ -57,14 +54,9 @@ def test_aborts_leave_the_others_and_the_cache_intact(vanilla, dflash_server):
     check_aborts_leave_others_intact(url, vanilla)
 
 
-def test_seeded_sampling_is_reproducible(dflash_server, vanilla):
+def test_seeded_sampling_is_reproducible_after_other_traffic(dflash_server):
     _, url, _ = dflash_server
-    check_seeded_sampling(url, vanilla[0])
-
-
-def test_seeded_request_returns_the_same_tokens_after_other_traffic(dflash_server):
-    _, url, _ = dflash_server
-    check_seeded_after_traffic(url)
+    check_seeded(url)
 
 
 def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 import pytest
 
-from integration.client import (CONVERSATIONS, assert_outputs_equal, check_seeded_after_traffic,
-                                check_seeded_sampling, run_all, run_preempting)
+from integration.client import (CONVERSATIONS, assert_outputs_equal, check_greedy_equal,
+                                check_seeded, run_all, run_preempting)
 from integration.vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -44,9 +44,7 @@ def layerskip_server(request, default_model):
 
 def test_layerskip_greedy_outputs_equal_vanilla(vanilla, layerskip_server):
     name, url, log = layerskip_server
-    batch1, batch8 = run_all(url)
-    assert_outputs_equal(vanilla[0], batch1, f"{name}, batch 1")
-    assert_outputs_equal(vanilla[1], batch8, f"{name}, 8 concurrent")
+    check_greedy_equal(url, vanilla, name)
     m = spec_metrics(url)
     with open(log, errors="replace") as f:
         text = f.read()
@@ -61,14 +59,9 @@ def test_layerskip_greedy_outputs_equal_vanilla(vanilla, layerskip_server):
         assert m["num_draft_tokens"] > 0
 
 
-def test_seeded_sampling_is_reproducible(layerskip_server, vanilla):
+def test_seeded_sampling_is_reproducible_after_other_traffic(layerskip_server):
     _, url, _ = layerskip_server
-    check_seeded_sampling(url, vanilla[0])
-
-
-def test_seeded_request_returns_the_same_tokens_after_other_traffic(layerskip_server):
-    _, url, _ = layerskip_server
-    check_seeded_after_traffic(url)
+    check_seeded(url)
 
 
 def test_full_depth_drafts_with_preemption_equal_vanilla(vanilla, default_model):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.client import (assert_outputs_equal, check_seeded_after_traffic,
-                                check_seeded_sampling, run_all)
+from integration.client import check_greedy_equal, check_seeded
 from integration.vllm_server import spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -30,18 +29,12 @@ def plugin_server(default_model):
 
 
 def test_entry_point_method_is_served_and_lossless(vanilla, plugin_server):
-    batch1, batch8 = run_all(plugin_server)
-    assert_outputs_equal(vanilla[0], batch1, "entry-point method, batch 1")
-    assert_outputs_equal(vanilla[1], batch8, "entry-point method, 8 concurrent")
+    check_greedy_equal(plugin_server, vanilla, "entry-point method")
     assert spec_metrics(plugin_server).get("num_drafts", 0) > 0
 
 
-def test_entry_point_method_sampled_drafts_are_reproducible(plugin_server, vanilla):
+def test_entry_point_method_sampled_drafts_are_reproducible(plugin_server):
     before = spec_metrics(plugin_server)
-    check_seeded_sampling(plugin_server, vanilla[0])
+    check_seeded(plugin_server)
     after = spec_metrics(plugin_server)
     assert after["num_draft_tokens"] > before.get("num_draft_tokens", 0)
-
-
-def test_entry_point_method_seeded_after_other_traffic(plugin_server):
-    check_seeded_after_traffic(plugin_server)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from integration.client import (CONVERSATIONS, assert_outputs_equal,
-                                check_aborts_leave_others_intact, check_seeded_after_traffic,
-                                check_seeded_sampling, complete, run_all)
+from integration.client import (CONVERSATIONS, check_aborts_leave_others_intact,
+                                check_greedy_equal, check_seeded, complete)
 from integration.vllm_server import (log_file, mean_acceptance_length, spec_metrics,
                                      trees_verified, vllm_server)
 
@@ -38,9 +37,7 @@ def tree_server(request, default_model):
 
 def test_tree_greedy_outputs_equal_vanilla(vanilla, tree_server):
     method, url, log = tree_server
-    batch1, batch8 = run_all(url)
-    assert_outputs_equal(vanilla[0], batch1, f"{method} trees, batch 1")
-    assert_outputs_equal(vanilla[1], batch8, f"{method} trees, 8 concurrent")
+    check_greedy_equal(url, vanilla, f"{method} trees")
     # Half of the prompts edit code they quote: suffix drafts long; recycling's one-token
     # successor table accepts less (1.26 measured) but must accept something.
     assert mean_acceptance_length(spec_metrics(url)) > {"suffix": 1.5, "recycling": 1.1}[method]
@@ -63,12 +60,7 @@ def test_aborted_requests_leave_the_others_and_the_cache_intact(vanilla, tree_se
     check_aborts_leave_others_intact(url, vanilla)
 
 
-def test_seeded_sampling_with_trees_is_reproducible(tree_server, vanilla):
+def test_seeded_sampling_with_trees_is_reproducible_after_other_traffic(tree_server):
     _, url, _ = tree_server
-    check_seeded_sampling(url, vanilla[0])
-
-
-def test_seeded_request_returns_the_same_tokens_after_other_traffic(tree_server):
-    _, url, _ = tree_server
-    check_seeded_after_traffic(url)
+    check_seeded(url)
 

@@ -3,10 +3,11 @@ the default model as its language model, ``spec-plugins-vlm``; CI's size: a few 
 alignment steps, so answers depend on the image without describing it).
 
 Every method serves image requests losslessly: greedy outputs equal the vanilla server's
-token for token at batch 1 and 8 concurrent (the 8 re-sent prompts hit vLLM's prefix
-cache, images included), over one image, two images in one message, and an image in
-the middle of a multi-turn chat. Suffix trees at batch 1, then under preemption, with
-aborts, and with seeded sampling (one server with a small KV cache); DEL drafting with
+token for token at batch 1 and 8 concurrent (the prompts sent alone first hit vLLM's
+prefix cache when re-sent, images included), over one image, two images in one message,
+and an image in the middle of a multi-turn chat. Suffix trees at batch 1, then under preemption, with
+aborts, and with seeded sampling, also after other traffic (one server with a small KV
+cache); DEL drafting with
 all of the language model's layers has its drafts accepted, which pins the draft KV
 beside the image's; dflash reads the target's states at image positions through a
 vision adaptor trained by the drafter trainer's image stage (msd: image rows from the
@@ -18,7 +19,8 @@ from __future__ import annotations
 import pytest
 
 from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
-                                check_seeded_sampling, complete, run_all, run_preempting)
+                                check_greedy_equal, check_seeded, complete, run_all,
+                                run_preempting)
 from integration.prompts import prompts
 from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, spec_metrics,
                                      trees_verified, vllm_server)
@@ -27,6 +29,8 @@ pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")
 
 CONVS = prompts("image", 8)
+# Sent alone too: one image, two images, an image mid-chat.
+ALONE = (0, 1, 2)
 SUFFIX_TREES = ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8},
                 {"spec_plugins": {"tree": True, "payoff_gate": False}})
 # (suffix trees: the last test, on a server that preempts)
@@ -73,9 +77,7 @@ def check_drafted_around_images(name, url, log) -> tuple[dict, str]:
 
 def test_image_requests_greedy_equal_vanilla(vlm_vanilla, vlm_server):
     name, url, log = vlm_server
-    batch1, batch8 = run_all(url, CONVS)
-    assert_outputs_equal(vlm_vanilla[0], batch1, f"{name}, batch 1")
-    assert_outputs_equal(vlm_vanilla[1], batch8, f"{name}, 8 concurrent")
+    check_greedy_equal(url, vlm_vanilla, name, CONVS, ALONE)
     m, text = check_drafted_around_images(name, url, log)
     if name == "del-full-depth":
         # The draft reads the target's KV of the prompt (image positions included) and
@@ -96,12 +98,13 @@ def test_suffix_trees_on_images_batch1_preempted_aborted_and_seeded(vlm_model, v
     spec, extra = SUFFIX_TREES
     log = log_file("vlm-suffix-tree")
     with vllm_server(vlm_model, spec, extra, extra=PREEMPTING_CACHE, log_path=log) as url:
-        batch1 = [complete(url, m, temperature=0) for m in CONVS]
-        assert_outputs_equal(vlm_vanilla[0], batch1, "suffix trees, images, batch 1")
+        batch1 = [complete(url, CONVS[i], temperature=0) for i in ALONE]
+        assert_outputs_equal([vlm_vanilla[0][i] for i in ALONE], batch1,
+                             "suffix trees, images, batch 1")
         check_drafted_around_images("suffix trees", url, log)
         outs = run_preempting(url, CONVS)
         assert counter(url, "vllm:num_preemptions_total") > 0, "nothing was preempted"
         assert_outputs_equal(vlm_vanilla[1], outs, "suffix trees, images, preempted")
         check_aborts_leave_others_intact(url, vlm_vanilla, CONVS)
-        check_seeded_sampling(url, vlm_vanilla[0], prompt=0, conversations=CONVS)
+        check_seeded(url, seeded=prompts("image", 1, start=len(CONVS))[0], traffic=CONVS[:4])
     assert trees_verified(log) > 0, "no branching tree was verified on image requests"

@@ -117,6 +117,9 @@ class RecyclingOptions(MethodOptions):
     max_depth: int = opt(8, lo=1, hi=64, help="deepest draft node")
     min_token_prob: float = opt(0.02, lo=0.0, hi=1.0,
                                 help="drop nodes whose estimated acceptance falls below")
+    budget: bool = opt(True, help="cut drafts to the nodes the verify-cost model says pay "
+                                  "for themselves (False: always draft the whole tree; "
+                                  "for measuring acceptance, with payoff_gate false)")
 
 
 
@@ -165,7 +168,7 @@ class RecyclingProposer(Proposer):
         self._learn(requests, ctx)
         drafts = [self._draft(req) for req in requests]
         # best_first lists nodes in decreasing path probability, as fit_batch needs.
-        return fit_batch(drafts, ctx.cost, ctx.batch_tokens,
+        return fit_batch(drafts, ctx.cost if self.options.budget else None, ctx.batch_tokens,
                          [r.isolated for r in requests])
 
     def _draft(self, req: DraftRequest) -> DraftTree:

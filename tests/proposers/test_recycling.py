@@ -144,6 +144,16 @@ def test_no_table_no_draft_and_no_budget_no_draft():
     assert len(tree) == 0
 
 
+def test_the_verify_cost_model_cuts_drafts_unless_the_budget_is_off():
+    # Verify tokens as dear as a whole step: no draft pays for itself.
+    dear = CostModel.linear(1.0, 1.0)
+    for budget, drafted in ((True, False), (False, True)):
+        prop = RecyclingProposer({"topk": 3, "min_token_prob": 0.0, "budget": budget})
+        fill(prop, TABLE)
+        (tree,) = step(prop, [req("a", [9, 1], k=20)], [None], cost=dear, batch_tokens=1)
+        assert (len(tree) == 20) is drafted, (budget, len(tree))
+
+
 def test_recycled_drafts_decode_exactly_like_greedy(run, toy):
     target = toy(vocab=32, mix=0.3, seed=0)
     rng = np.random.default_rng(1)
