@@ -2,12 +2,12 @@
 CI's size). SGLang has no Idefics3 model of its own: it serves the testbed through its
 Transformers backend (``--model-impl transformers``), image processor included.
 
-Suffix trees (model-free, like every method this backend can run: it captures no hidden
-states, so ``dflash`` refuses at start-up) give SGLang's own outputs without speculation,
-token for token, at batch 1 and all concurrent over one image, two images and an image in
-the middle of a chat, on a KV pool small enough that the concurrent requests are
-retracted (SGLang's preemption) and with two of them aborted mid-stream; seeded sampling
-is reproducible.
+Suffix trees and token recycling (model-free, like every method this backend can run:
+it captures no hidden states, so ``dflash`` refuses at start-up) give SGLang's own
+outputs without speculation, token for token, at batch 1 and all concurrent over one
+image, two images and an image in the middle of a chat, on a KV pool small enough that
+the concurrent requests are retracted (SGLang's preemption) and with two of them aborted
+mid-stream; seeded sampling is reproducible, also after other traffic.
 """
 
 from __future__ import annotations
@@ -32,32 +32,45 @@ openai = pytest.importorskip("openai")
 TRANSFORMERS_BACKEND = SMALL_POOL + ["--model-impl", "transformers"]
 # One image, two images, an image mid-chat, one image.
 CONVS = prompts("image", 4)
-ALONE = (0, 1, 2)
 
 
-def test_suffix_trees_on_images_equal_sglang_without_speculation(vlm_model):
+# Model-free methods (the only ones this backend serves), pinned on: the test is about
+# their verified drafts.
+METHODS = {
+    "suffix-trees": ("suffix", 17, {"tree": True, "payoff_gate": False}),
+    "recycling": ("recycling", 9, {"tree": True, "payoff_gate": False, "budget": False}),
+}
+
+
+@pytest.fixture(scope="module")
+def vanilla(vlm_model):
     with sglang_server(vlm_model, TRANSFORMERS_BACKEND) as url:
-        vanilla = run_all(url, CONVS, extra_body=SGLANG_IDS)
-    log = log_file("vlm-suffix-tree")
+        return run_all(url, CONVS, extra_body=SGLANG_IDS)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_images_equal_sglang_without_speculation(vlm_model, vanilla, name):
+    method, width, options = METHODS[name]
+    log = log_file(f"vlm-{name}")
     # A pool about two requests deep, admitted optimistically: decoding runs out and
     # retracts (as integration/load_suite.py does for SGLang).
-    flags = TRANSFORMERS_BACKEND + ["--speculative-algorithm", "spec_plugins.suffix",
-                                    "--speculative-num-draft-tokens", "17",
+    flags = TRANSFORMERS_BACKEND + ["--speculative-algorithm", f"spec_plugins.{method}",
+                                    "--speculative-num-draft-tokens", str(width),
                                     "--max-total-tokens", "520",
                                     "--schedule-conservativeness", "0.05", "--enable-metrics"]
-    options = {"tree": True, "payoff_gate": False}
     with sglang_server(vlm_model, flags, env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)},
                        log_path=log) as url:
-        batch1 = [sglang_complete(url, CONVS[i], temperature=0) for i in ALONE]
+        # All alone first: their prefixes cached, all four are admitted at once and
+        # decoding outgrows the pool (without, the fourth waits and nothing retracts).
+        batch1 = [sglang_complete(url, m, temperature=0) for m in CONVS]
         with ThreadPoolExecutor(len(CONVS)) as pool:
-            batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0)[0], CONVS))
+            batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0), CONVS))
         assert counter(url, "sglang:num_retracted_requests_total") > 0, "nothing was retracted"
         check_aborts_leave_others_intact(url, vanilla, CONVS, extra_body=SGLANG_IDS)
         check_seeded(url, seeded=prompts("image", 1, start=len(CONVS))[0], traffic=CONVS,
                      extra_body=SGLANG_IDS)
-    assert_outputs_equal([vanilla[0][i] for i in ALONE], [b[0] for b in batch1],
-                         "suffix trees, images, batch 1")
-    assert_outputs_equal(vanilla[1], batch8, "suffix trees, images, 8 concurrent")
-    assert sum(b[1].get("spec_num_correct_drafts", 0) for b in batch1) > 0
+    assert_outputs_equal(vanilla[0], [b[0] for b in batch1], f"{name}, images, batch 1")
+    assert_outputs_equal(vanilla[1], [b[0] for b in batch8], f"{name}, images, all concurrent")
+    assert sum(b[1].get("spec_num_correct_drafts", 0) for b in batch1 + batch8) > 0
     with open(log, errors="replace") as f:
         assert "no draft carries its placeholder token ids [11, 12, 14]" in f.read()

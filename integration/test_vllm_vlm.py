@@ -2,16 +2,16 @@
 the default model as its language model, ``spec-plugins-vlm``; CI's size: a few dozen
 alignment steps, so answers depend on the image without describing it).
 
-Every method serves image requests losslessly: greedy outputs equal the vanilla server's
-token for token at batch 1 and 8 concurrent (the prompts sent alone first hit vLLM's
-prefix cache when re-sent, images included), over one image, two images in one message,
-and an image in the middle of a multi-turn chat. Suffix trees at batch 1, then under preemption, with
-aborts, and with seeded sampling, also after other traffic (one server with a small KV
-cache); DEL drafting with
-all of the language model's layers has its drafts accepted, which pins the draft KV
-beside the image's; dflash reads the target's states at image positions through a
-vision adaptor trained by the drafter trainer's image stage (msd: image rows from the
-target's input embeddings, which vLLM's auxiliary outputs hand over as layer -1).
+Every method serves image requests losslessly, each on a server whose KV cache is small
+enough to preempt: greedy outputs equal the vanilla server's token for token at batch 1
+and 8 concurrent (preempted; the prompts sent alone first hit vLLM's prefix cache when
+re-sent, images included), over one image, two images in one message, and an image in
+the middle of a multi-turn chat; aborted requests leave the others intact; seeded
+sampling is reproducible, also after other traffic. DEL drafting with all of the
+language model's layers has its drafts accepted, which pins the draft KV beside the
+image's; dflash reads the target's states at image positions through a vision adaptor
+trained by the drafter trainer's image stage (msd: image rows from the target's input
+embeddings, which vLLM's auxiliary outputs hand over as layer -1).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from __future__ import annotations
 import pytest
 
 from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
-                                check_greedy_equal, check_seeded, complete, run_all,
-                                run_preempting)
+                                check_seeded, complete, run_all, run_preempting)
 from integration.prompts import prompts
 from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, spec_metrics,
                                      trees_verified, vllm_server)
@@ -31,12 +30,12 @@ openai = pytest.importorskip("openai")
 CONVS = prompts("image", 8)
 # Sent alone too: one image, two images, an image mid-chat.
 ALONE = (0, 1, 2)
-SUFFIX_TREES = ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8},
-                {"spec_plugins": {"tree": True, "payoff_gate": False}})
-# (suffix trees: the last test, on a server that preempts)
+# Every server runs on a KV cache small enough that the concurrent image requests preempt.
 SERVERS = {
+    "suffix-trees": ({"model": "spec_plugins.vllm.suffix", "num_speculative_tokens": 8},
+                     {"spec_plugins": {"tree": True, "payoff_gate": False}}),
     "recycling": ({"model": "spec_plugins.vllm.recycling", "num_speculative_tokens": 8},
-                  {"spec_plugins": {"payoff_gate": False}}),
+                  {"spec_plugins": {"payoff_gate": False, "budget": False}}),
     "del-full-depth": ({"model": "spec_plugins.vllm.del", "num_speculative_tokens": 4},
                        {"spec_plugins": {"exit_layer": 30, "min_confidence": 0.0,
                                          "payoff_gate": False}}),
@@ -51,7 +50,8 @@ SERVERS = {
 @pytest.fixture(scope="module")
 def vlm_vanilla(vlm_model):
     with vllm_server(vlm_model) as url:
-        return run_all(url, CONVS)
+        # Alone: the first half, which covers ALONE and the requests the abort test aborts.
+        return run_all(url, CONVS, alone=range(len(CONVS) // 2))
 
 
 @pytest.fixture(scope="module", params=sorted(SERVERS))
@@ -62,23 +62,22 @@ def vlm_server(request, vlm_model):
         extra = {"spec_plugins": {"drafter": request.getfixturevalue("vision_drafter"),
                                   "payoff_gate": False}}
     log = log_file("vlm-" + request.param)
-    with vllm_server(vlm_model, spec, extra, log_path=log) as url:
+    with vllm_server(vlm_model, spec, extra, extra=PREEMPTING_CACHE, log_path=log) as url:
         yield request.param, url, log
 
 
-def check_drafted_around_images(name, url, log) -> tuple[dict, str]:
+def test_image_requests_greedy_equal_vanilla_alone_and_preempted(vlm_vanilla, vlm_server):
+    name, url, log = vlm_server
+    batch1 = [complete(url, CONVS[i], temperature=0) for i in ALONE]
+    assert_outputs_equal([vlm_vanilla[0][i] for i in ALONE], batch1, f"{name}, batch 1")
+    outs = run_preempting(url, CONVS)
+    assert counter(url, "vllm:num_preemptions_total") > 0, "nothing was preempted"
+    assert_outputs_equal(vlm_vanilla[1], outs, f"{name}, 8 concurrent, preempted")
     m = spec_metrics(url)
     assert m.get("num_drafts", 0) > 0, f"{name} drafted nothing on image requests"
     with open(log, errors="replace") as f:
         text = f.read()
     assert "no draft carries its placeholder token ids [11, 12, 14]" in text
-    return m, text
-
-
-def test_image_requests_greedy_equal_vanilla(vlm_vanilla, vlm_server):
-    name, url, log = vlm_server
-    check_greedy_equal(url, vlm_vanilla, name, CONVS, ALONE)
-    m, text = check_drafted_around_images(name, url, log)
     if name == "del-full-depth":
         # The draft reads the target's KV of the prompt (image positions included) and
         # its own beyond: with every layer it is the target, so (nearly, see
@@ -87,6 +86,8 @@ def test_image_requests_greedy_equal_vanilla(vlm_vanilla, vlm_server):
         assert m["num_accepted_tokens"] >= 0.95 * m["num_draft_tokens"], m
     else:
         assert m["num_accepted_tokens"] > 0, m
+    if name == "suffix-trees":
+        assert trees_verified(log) > 0, "no branching tree was verified on image requests"
     if name.startswith("dflash-"):
         style = name.removeprefix("dflash-")
         assert f"vision adaptor {style}" in text
@@ -94,17 +95,11 @@ def test_image_requests_greedy_equal_vanilla(vlm_vanilla, vlm_server):
             assert "target layers [-1, " in text, text[-3000:]
 
 
-def test_suffix_trees_on_images_batch1_preempted_aborted_and_seeded(vlm_model, vlm_vanilla):
-    spec, extra = SUFFIX_TREES
-    log = log_file("vlm-suffix-tree")
-    with vllm_server(vlm_model, spec, extra, extra=PREEMPTING_CACHE, log_path=log) as url:
-        batch1 = [complete(url, CONVS[i], temperature=0) for i in ALONE]
-        assert_outputs_equal([vlm_vanilla[0][i] for i in ALONE], batch1,
-                             "suffix trees, images, batch 1")
-        check_drafted_around_images("suffix trees", url, log)
-        outs = run_preempting(url, CONVS)
-        assert counter(url, "vllm:num_preemptions_total") > 0, "nothing was preempted"
-        assert_outputs_equal(vlm_vanilla[1], outs, "suffix trees, images, preempted")
-        check_aborts_leave_others_intact(url, vlm_vanilla, CONVS)
-        check_seeded(url, seeded=prompts("image", 1, start=len(CONVS))[0], traffic=CONVS[:4])
-    assert trees_verified(log) > 0, "no branching tree was verified on image requests"
+def test_image_aborts_leave_the_others_and_the_cache_intact(vlm_vanilla, vlm_server):
+    _, url, _ = vlm_server
+    check_aborts_leave_others_intact(url, vlm_vanilla, CONVS)
+
+
+def test_image_seeded_sampling_is_reproducible_after_other_traffic(vlm_server):
+    _, url, _ = vlm_server
+    check_seeded(url, seeded=prompts("image", 1, start=len(CONVS))[0], traffic=CONVS[:4])
