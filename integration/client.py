@@ -34,13 +34,15 @@ def complete(url, messages, **kw) -> list[int]:
     return list(ids)
 
 
-def run_all(url, conversations=CONVERSATIONS, alone=None, **kw):
+def run_all(url, conversations=CONVERSATIONS, alone=None, send=None, **kw):
     """Greedy outputs one request at a time (the conversations indexed by ``alone``,
-    default all), then all of them concurrently."""
+    default all), then all of them concurrently; ``send``: ``complete`` (default) or
+    ``sglang_complete`` (then each output is (ids, SGLang's speculation figures))."""
+    send = send or complete
     alone = range(len(conversations)) if alone is None else alone
-    batch1 = [complete(url, conversations[i], temperature=0, **kw) for i in alone]
+    batch1 = [send(url, conversations[i], temperature=0, **kw) for i in alone]
     with ThreadPoolExecutor(len(conversations)) as pool:
-        batch8 = list(pool.map(lambda m: complete(url, m, temperature=0, **kw), conversations))
+        batch8 = list(pool.map(lambda m: send(url, m, temperature=0, **kw), conversations))
     return batch1, batch8
 
 

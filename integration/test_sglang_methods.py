@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from concurrent.futures import ThreadPoolExecutor
-
 from integration.client import (ALONE, CONVERSATIONS, SGLANG_IDS, assert_outputs_equal,
-                                check_seeded, sglang_complete)
+                                check_seeded, run_all, sglang_complete)
 from integration.sglang_server import (SMALL_POOL, engine_env, sglang_available, sglang_python,
                                        sglang_server)
 
@@ -42,25 +40,14 @@ CONFIGS = {
 }
 
 
-def run_greedy(url):
-    """(ids, details) of ``ALONE``'s conversations one at a time, then of all at once."""
-    batch1 = [sglang_complete(url, CONVERSATIONS[i], temperature=0) for i in ALONE]
-    with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
-        batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0), CONVERSATIONS))
-    return batch1, batch8
-
-
-def alone(vanilla):
-    return [vanilla[0][i] for i in ALONE]
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_sglang_without_speculation(sglang_vanilla, default_model, name):
     flags, options = CONFIGS[name]
     with sglang_server(default_model, flags,
                        env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)}) as url:
-        batch1, batch8 = run_greedy(url)
-        assert_outputs_equal(alone(sglang_vanilla), [b[0] for b in batch1], f"{name}, batch 1")
+        batch1, batch8 = run_all(url, alone=ALONE, send=sglang_complete)
+        assert_outputs_equal([sglang_vanilla[0][i] for i in ALONE], [b[0] for b in batch1],
+                             f"{name}, batch 1")
         assert_outputs_equal(sglang_vanilla[1], [b[0] for b in batch8], f"{name}, 8 concurrent")
         # Drafts were verified and accepted: suffix copies the code edits' input.
         assert batch1[0][1]["spec_num_correct_drafts"] > 0
@@ -82,10 +69,11 @@ def test_dflash_reads_sglang_hidden_states(sglang_vanilla, default_model, dflash
     log = str(Path(dflash_drafter).parent / f"sglang-dflash-{tree}.log")
     with sglang_server(default_model, spec_flags("dflash", 9),
                        env={"SPEC_PLUGINS_OPTIONS": json.dumps(options)}, log_path=log) as url:
-        batch1, batch8 = run_greedy(url)
+        batch1, batch8 = run_all(url, alone=ALONE, send=sglang_complete)
         check_seeded(url, extra_body=SGLANG_IDS)
     shape = "trees" if tree else "chains"
-    assert_outputs_equal(alone(sglang_vanilla), [b[0] for b in batch1], f"dflash {shape}, batch 1")
+    assert_outputs_equal([sglang_vanilla[0][i] for i in ALONE], [b[0] for b in batch1],
+                         f"dflash {shape}, batch 1")
     assert_outputs_equal(sglang_vanilla[1], [b[0] for b in batch8], f"dflash {shape}, 8 concurrent")
     assert sum(b[1]["spec_num_correct_drafts"] for b in batch1) > 0
     text = Path(log).read_text(errors="replace")

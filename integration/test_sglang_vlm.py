@@ -13,7 +13,6 @@ mid-stream; seeded sampling is reproducible, also after other traffic.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -62,9 +61,7 @@ def test_images_equal_sglang_without_speculation(vlm_model, vanilla, name):
                        log_path=log) as url:
         # All alone first: their prefixes cached, all four are admitted at once and
         # decoding outgrows the pool (without, the fourth waits and nothing retracts).
-        batch1 = [sglang_complete(url, m, temperature=0) for m in CONVS]
-        with ThreadPoolExecutor(len(CONVS)) as pool:
-            batch8 = list(pool.map(lambda m: sglang_complete(url, m, temperature=0), CONVS))
+        batch1, batch8 = run_all(url, CONVS, send=sglang_complete)
         assert counter(url, "sglang:num_retracted_requests_total") > 0, "nothing was retracted"
         check_aborts_leave_others_intact(url, vanilla, CONVS, extra_body=SGLANG_IDS)
         check_seeded(url, seeded=prompts("image", 1, start=len(CONVS))[0], traffic=CONVS,
