@@ -37,33 +37,29 @@ def complete(url, messages, **kw) -> list[int]:
 def run_all(url, conversations=CONVERSATIONS, alone=None, send=None, **kw):
     """Greedy outputs one request at a time (the conversations indexed by ``alone``,
     default all), then all of them concurrently; ``send``: ``complete`` (default) or
-    ``sglang_complete`` (then each output is (ids, SGLang's speculation figures))."""
+    ``sglang_complete`` (then each output is (ids, SGLang's speculation figures)).
+
+    The concurrent requests arrive shortest prompt first and longest second, the rest
+    after them, so that a server with ``vllm_server.PREEMPTING_CACHE`` preempts: those two
+    are admitted first and fill the cache's blocks between them, and the first block
+    either needs comes from a preemption. Sent all at once, long image prompts were
+    admitted one or two at a time and each finished in the blocks it held."""
+    import time
+
     send = send or complete
     alone = range(len(conversations)) if alone is None else alone
     batch1 = [send(url, conversations[i], temperature=0, **kw) for i in alone]
-    with ThreadPoolExecutor(len(conversations)) as pool:
-        batch8 = list(pool.map(lambda m: send(url, m, temperature=0, **kw), conversations))
-    return batch1, batch8
-
-
-def run_preempting(url, conversations=CONVERSATIONS) -> list:
-    """Greedy outputs of all conversations sent concurrently, the shortest prompt first
-    and the longest second, so that a server with ``vllm_server.PREEMPTING_CACHE`` must
-    preempt whatever order the rest arrive in: the scheduler admits those two first (their
-    prompts fill the cache's blocks between them) and the longer one soon needs a block
-    that only a preemption frees. Outputs come back in ``conversations`` order."""
-    import time
-
     by_length = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
     first, second = by_length[0], by_length[-1]
     rest = [i for i in range(len(conversations)) if i not in (first, second)]
     with ThreadPoolExecutor(len(conversations)) as pool:
         futures = {}
         for i in [first, second] + rest:
-            futures[i] = pool.submit(complete, url, conversations[i], temperature=0)
+            futures[i] = pool.submit(send, url, conversations[i], temperature=0, **kw)
             if i in (first, second):
                 time.sleep(0.3)  # arrival order is admission order (FCFS)
-        return [futures[i].result() for i in range(len(conversations))]
+        batch8 = [futures[i].result() for i in range(len(conversations))]
+    return batch1, batch8
 
 
 def check_greedy_equal(url, vanilla, label: str, conversations=CONVERSATIONS,

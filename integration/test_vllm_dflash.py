@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
-                                check_greedy_equal, check_seeded, run_preempting)
+from integration.client import check_aborts_leave_others_intact, check_greedy_equal, check_seeded
 from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, run_to_exit,
                                      spec_metrics, trees_verified, vllm_server)
 
@@ -24,16 +23,19 @@ DFLASH = {"model": "spec_plugins.vllm.dflash", "num_speculative_tokens": 6}
 
 # Whole blocks drafted every step (the CI drafter's drafts seldom pay for their verify
 # time, so the default budget and payoff gate would hardly draft them, and some must be
-# accepted here); the preemption server below runs the defaults.
+# accepted here). The chains server's KV cache preempts (dflash trees under preemption:
+# the image server of integration/test_vllm_vlm.py).
 ALWAYS = {"budget": False, "payoff_gate": False, "adaptive": False, "max_block": 4}
-SHAPES = {"trees": {"tree": True, **ALWAYS}, "chains": {"tree": False, **ALWAYS}}
+SHAPES = {"trees": ({"tree": True, **ALWAYS}, []),
+          "chains": ({"tree": False, **ALWAYS}, PREEMPTING_CACHE)}
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def dflash_server(request, default_model, dflash_drafter):
     log = log_file(f"dflash-{request.param}")
-    options = {"drafter": dflash_drafter, **SHAPES[request.param]}
-    with vllm_server(default_model, DFLASH, {"spec_plugins": options}, log_path=log) as url:
+    options, cache = SHAPES[request.param]
+    with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": dflash_drafter, **options}},
+                     extra=cache, log_path=log) as url:
         yield request.param, url, log
 
 
@@ -46,6 +48,9 @@ def test_greedy_outputs_equal_vanilla(vanilla, dflash_server):
     assert "spec_plugins: dflash drafter" in text and "params" in text
     if shape == "trees":
         assert trees_verified(log) > 0, "no branching tree was verified"
+    else:
+        assert counter(url, "vllm:num_preemptions_total") > 0, \
+            "the cache was large enough: nothing was preempted"
 
 
 def test_aborts_leave_the_others_and_the_cache_intact(vanilla, dflash_server):
@@ -57,16 +62,6 @@ def test_aborts_leave_the_others_and_the_cache_intact(vanilla, dflash_server):
 def test_seeded_sampling_is_reproducible_after_other_traffic(dflash_server):
     _, url, _ = dflash_server
     check_seeded(url)
-
-
-def test_preempted_requests_equal_vanilla(vanilla, default_model, dflash_drafter):
-    extra = PREEMPTING_CACHE
-    with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": dflash_drafter}},
-                     extra=extra) as url:
-        outs = run_preempting(url)
-        preempted = counter(url, "vllm:num_preemptions_total")
-    assert preempted > 0, "the cache was large enough: nothing was preempted"
-    assert_outputs_equal(vanilla[1], outs, "dflash after preemption")
 
 
 def test_a_missing_drafter_stops_the_server_at_start_up(default_model, tmp_path):

@@ -16,8 +16,7 @@ import re
 import pytest
 
 from integration.client import (ALONE, CONVERSATIONS, assert_outputs_equal,
-                                check_greedy_equal, check_seeded, complete, run_all,
-                                run_preempting)
+                                check_greedy_equal, check_seeded, complete, run_all)
 from integration.vllm_server import PREEMPTING_CACHE, counter, log_file, spec_metrics, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -72,7 +71,7 @@ def test_full_depth_drafts_accepted_alone_and_equal_vanilla_with_preemption(vani
     with vllm_server(default_model, spec, extra_cfg, extra=PREEMPTING_CACHE) as url:
         batch1 = [complete(url, CONVERSATIONS[i], temperature=0) for i in ALONE]
         alone = spec_metrics(url)
-        outs = run_preempting(url)
+        _, outs = run_all(url, alone=())
         preempted = counter(url, "vllm:num_preemptions_total")
         m = spec_metrics(url)
     assert_outputs_equal([vanilla[0][i] for i in ALONE], batch1, "full depth, batch 1")

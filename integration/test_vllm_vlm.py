@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pytest
 
-from integration.client import (assert_outputs_equal, check_aborts_leave_others_intact,
-                                check_seeded, complete, run_all, run_preempting)
+from integration.client import (check_aborts_leave_others_intact, check_greedy_equal,
+                                check_seeded, run_all)
 from integration.prompts import prompts
 from integration.vllm_server import (PREEMPTING_CACHE, counter, log_file, spec_metrics,
                                      trees_verified, vllm_server)
@@ -68,11 +68,8 @@ def vlm_server(request, vlm_model):
 
 def test_image_requests_greedy_equal_vanilla_alone_and_preempted(vlm_vanilla, vlm_server):
     name, url, log = vlm_server
-    batch1 = [complete(url, CONVS[i], temperature=0) for i in ALONE]
-    assert_outputs_equal([vlm_vanilla[0][i] for i in ALONE], batch1, f"{name}, batch 1")
-    outs = run_preempting(url, CONVS)
+    check_greedy_equal(url, vlm_vanilla, name, CONVS, alone=ALONE)
     assert counter(url, "vllm:num_preemptions_total") > 0, "nothing was preempted"
-    assert_outputs_equal(vlm_vanilla[1], outs, f"{name}, 8 concurrent, preempted")
     m = spec_metrics(url)
     assert m.get("num_drafts", 0) > 0, f"{name} drafted nothing on image requests"
     with open(log, errors="replace") as f:

@@ -30,13 +30,14 @@ from prometheus_client.samples import Sample
 # module runs the same server with the same flags.
 SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
-# A KV cache of 3 usable blocks of 128 tokens (4 less vLLM's null block; 384 tokens, the
+# A KV cache of 12 usable blocks of 32 tokens (13 less vLLM's null block; 384 tokens, the
 # least that holds the longest request of ``client.CONVERSATIONS``) for those 8 requests
-# of 140-330 tokens. Whether it preempts depends on arrival order: a 2-block prompt
-# admitted alone grows into the third block and finishes (one CI run did not preempt).
-# ``client.run_preempting`` fixes the order: a 1-block and a 2-block prompt first, which
-# fill the cache, so the longer one's next block must come from a preemption.
-PREEMPTING_CACHE = ["--kv-cache-memory-bytes", "24M", "--max-model-len", "384"]
+# of 140-330 tokens. With 128-token blocks (3 usable) whether it preempted depended on
+# timing: two CI runs admitted requests in an order where each finished inside the blocks
+# it held. With 32-token blocks every running request needs a new block every 32 tokens
+# while the others hold the rest, so 8 concurrent requests preempt whatever the timing.
+PREEMPTING_CACHE = ["--block-size", "32", "--num-gpu-blocks-override", "13",
+                    "--kv-cache-memory-bytes", "24M", "--max-model-len", "384"]
 # A multimodal checkpoint (the VLM testbed) takes up to two images per prompt
 # (``prompts.image_prompt``), vLLM's default being one.
 IMAGE_LIMIT = ["--limit-mm-per-prompt", json.dumps({"image": 2})]
