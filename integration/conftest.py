@@ -98,5 +98,8 @@ def vision_drafter(vlm_model, dflash_drafter, tmp_path_factory) -> str:
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     report = json.loads((d / "train_report.json").read_text())
     assert report["eval"]["per_position_accuracy"] and report["step"] > 0
+    # What the adaptor adds: the same held-out evaluation with the adaptor silent.
+    assert len(report["eval"]["adaptor_off"]["per_position_accuracy"]) == \
+        len(report["eval"]["per_position_accuracy"])
     assert json.loads((d / "config.json").read_text())["dflash_config"]["vision"]["style"] == "msd"
     return str(d)

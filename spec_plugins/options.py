@@ -30,6 +30,14 @@ def opt(default: Any, *, lo: float | None = None, hi: float | None = None,
         "lo": lo, "hi": hi, "choices": choices, "help": help})
 
 
+def budget_opt(drafts: str) -> Any:
+    """The ``budget`` option of a method whose ``drafts`` (a tree, a block)
+    ``builders.fit_batch`` cuts to what the verify-cost model pays for."""
+    return opt(True, help="cut drafts to the nodes the verify-cost model says pay for "
+                          f"themselves (False: always draft the whole {drafts}; for measuring "
+                          "acceptance, with payoff_gate false)")
+
+
 def _bounds(m) -> str:
     lo = "-inf" if m.get("lo") is None else m["lo"]
     hi = "inf" if m.get("hi") is None else m["hi"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
-
 from spec_plugins import clock
 from spec_plugins.payoff import Backoff, PayoffGate
 

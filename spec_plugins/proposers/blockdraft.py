@@ -48,7 +48,7 @@ import torch
 from spec_plugins.builders import fit_batch, union
 from spec_plugins.calibration import Calibrator
 from spec_plugins.lattice import AdaptiveLength, greedy_tree, sampled_tree, topk_lattice
-from spec_plugins.options import MethodOptions, OptionError, opt
+from spec_plugins.options import MethodOptions, OptionError, budget_opt, opt
 from spec_plugins.proposers.base import DraftRequest, ModelInfo, Proposer, StepContext
 from spec_plugins.proposers.suffix import SuffixOptions, SuffixProposer
 from spec_plugins.tree import DraftTree
@@ -73,9 +73,7 @@ class BlockOptions(MethodOptions):
                                    "tokens and recent outputs (method suffix) and verify the "
                                    "union of both drafters' trees: long repeats the block "
                                    "cannot reach, alternatives it did not rank")
-    budget: bool = opt(True, help="cut drafts to the nodes the verify-cost model says pay "
-                                  "for themselves (False: always draft the whole block; "
-                                  "for measuring acceptance, with payoff_gate false)")
+    budget: bool = budget_opt("block")
 
     def validate(self, where: str) -> None:
         if self.max_block and self.min_block > self.max_block:

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from spec_plugins.builders import best_first, fit_batch
-from spec_plugins.options import MethodOptions, opt
+from spec_plugins.options import MethodOptions, budget_opt, opt
 from spec_plugins.proposers.base import DraftRequest, Proposer, StepContext
 from spec_plugins.tree import DraftTree
 
@@ -117,9 +117,7 @@ class RecyclingOptions(MethodOptions):
     max_depth: int = opt(8, lo=1, hi=64, help="deepest draft node")
     min_token_prob: float = opt(0.02, lo=0.0, hi=1.0,
                                 help="drop nodes whose estimated acceptance falls below")
-    budget: bool = opt(True, help="cut drafts to the nodes the verify-cost model says pay "
-                                  "for themselves (False: always draft the whole tree; "
-                                  "for measuring acceptance, with payoff_gate false)")
+    budget: bool = budget_opt("tree")
 
 
 

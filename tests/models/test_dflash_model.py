@@ -335,7 +335,7 @@ def test_training_pass_with_images_matches_serving_blocks(vision):
 def test_the_adaptor_reads_image_positions_and_round_trips(vision, tmp_path):
     m, embed, head = tiny_drafter(vision=vision)
     torch.manual_seed(6)
-    states = torch.randn(S := 14, m.config.state_width)
+    states = torch.randn(14, m.config.state_width)
     p, first = 13, torch.tensor([7])
 
     def block(model, st):

@@ -52,11 +52,14 @@ def evaluate(d, feats: FeatureSet, idx: list[int], s: Settings, k: int, seed: in
 
 def evaluate_heldout(d, feats: FeatureSet, held: list[int], s: Settings, image_ids=None) -> dict:
     """``evaluate`` at the trained block length, at the shortest one trained (when they
-    differ) and per prompt source (when there are several)."""
+    differ), per prompt source (when there are several) and, for a drafter with a vision
+    adaptor, with the adaptor silent (no image positions: what the adaptor adds)."""
     k = s.block_size - 1
     if not held:
         return {}
     ev = evaluate(d, feats, held, s, k, image_ids=image_ids)
+    if d.vision is not None and image_ids is not None:
+        ev["adaptor_off"] = evaluate(d, feats, held, s, k)
     if s.min_block < s.block_size:
         ev["short_block"] = evaluate(d, feats, held, s, max(s.min_block, 2) - 1,
                                      image_ids=image_ids)

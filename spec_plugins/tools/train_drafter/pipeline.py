@@ -181,6 +181,11 @@ def print_report(r: dict) -> None:
             lines.append(f"held-out {name}: " + " ".join(
                 f"{j + 1}:{a:.2f}" for j, a in enumerate(e["per_position_accuracy"])) +
                 f"; {e['tokens_per_step']:.2f} tokens per greedy step")
+        if "adaptor_off" in ev:
+            off = ev["adaptor_off"]
+            lines.append("with the vision adaptor silent: " + " ".join(
+                f"{j + 1}:{a:.2f}" for j, a in enumerate(off["per_position_accuracy"])) +
+                f"; {off['tokens_per_step']:.2f} tokens per greedy step")
         if "short_block" in ev:
             sb = ev["short_block"]
             lines.append(f"with k = {len(sb['per_position_accuracy'])}: " + " ".join(
