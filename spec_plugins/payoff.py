@@ -64,7 +64,9 @@ class PayoffGate:
     machine); this gate catches it.
 
     Every arm is first measured for ``window`` cycles (the fullest first); then the
-    fastest runs. Each slower arm is re-measured in a burst of ``window`` cycles, after a
+    fastest runs. A class bigger than one that runs without the method measures only
+    running without it first and takes the others to be as much slower as they were
+    there, until their first burst. Each slower arm is re-measured in a burst of ``window`` cycles, after a
     wait that doubles while it stays slower (:class:`Backoff`) and that is never so short
     that bursts cost more than ``max_overhead`` of the time (a burst of an arm twice as
     slow waits ``window / max_overhead`` cycles): re-measuring a method that loses at 64
@@ -157,9 +159,20 @@ class PayoffGate:
                 del self._burst[bucket]
             return arm
         rates = self._rates(bucket)
-        for arm, rate in enumerate(rates):
-            if rate is None:
-                return arm                  # every arm measured once, the fullest first
+        estimated: dict[int, str] = {}      # arm -> " as at batch ..." (not measured here)
+        if None in rates:
+            inherited = self._smaller_without(bucket)
+            if inherited is None:
+                return rates.index(None)    # every arm measured once, the fullest first
+            if rates[self.off] is None:
+                return self.off
+            # A smaller batch ran faster without the method: a bigger one (its step more
+            # compute-bound) is taken to lose as much until a burst measures it.
+            smaller, ratios = inherited
+            estimated = {a: f" as at batch {self._size(smaller)}"
+                         for a, r in enumerate(rates) if r is None}
+            rates = [rates[self.off] * ratio if r is None else r
+                     for r, ratio in zip(rates, ratios)]
         best = min(range(self.off + 1), key=rates.__getitem__)
         runs = self._best.get(bucket)
         if runs is not None and rates[runs] <= rates[best] * (1 + SWITCH_MARGIN):
@@ -169,6 +182,7 @@ class PayoffGate:
             if self.on_decision is not None:
                 self.on_decision(f"batch {self._size(bucket)} runs {self._arm(best)} ("
                                  + ", ".join(f"{self._arm(a)} {1 / r:.1f} tok/s"
+                                             + estimated.get(a, "")
                                              for a, r in enumerate(rates)) + ")")
         for arm, rate in enumerate(rates):
             key = (arm, bucket)
@@ -187,6 +201,22 @@ class PayoffGate:
                 self._burst[bucket] = (arm, self.window - 1)
                 return arm
         return best
+
+    def _smaller_without(self, bucket: int) -> tuple[int, list[float]] | None:
+        """(class, each arm's seconds per token over running without the method) of the
+        nearest smaller class that has decided, where that decision is to run without it
+        and every arm there is measured; else None. A method that loses at batch b loses
+        at any bigger batch (each verified draft token costs more of a step the more the
+        step is compute-bound), so a class first reached after such a class starts without
+        the method instead of spending a window on it."""
+        for b in range(bucket - 1, 0, -1):
+            if b not in self._best:
+                continue
+            rates = self._rates(b)
+            if self._best[b] != self.off or None in rates:
+                return None
+            return b, [r / rates[self.off] for r in rates]
+        return None
 
     def _size(self, bucket: int) -> str:
         lo = 1 << (bucket - 1)

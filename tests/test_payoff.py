@@ -128,3 +128,24 @@ def test_backoff_doubles_while_it_does_not_pay():
     assert b.every == 8
     b.paid(True)
     assert b.every == 2
+
+
+def test_a_bigger_batch_starts_without_a_method_that_lost_at_a_smaller_one(monkeypatch):
+    decisions = []
+    gate = PayoffGate(window=16, max_overhead=0.03, on_decision=decisions.append)
+    sim = Sim(monkeypatch, gate, batch=4)
+    sim.run(40, {0: (2.0, 1), 1: (1.0, 1)})              # loses at 4-7
+    sim.batch = 8
+    arms, _ = sim.run(40, {0: (3.0, 1), 1: (1.5, 1)})
+    assert arms == [1] * 40                              # no window spent drafting at 8-15
+    assert decisions[-1].startswith("batch 8-15 runs without it (with the method ")
+    assert decisions[-1].endswith(" tok/s as at batch 4-7, without it 5.3 tok/s)")
+    # It is measured there all the same, in a burst after the wait its cost bound allows,
+    # and runs where it pays.
+    arms, _ = sim.run(1000, {0: (1.5, 4), 1: (1.5, 1)})
+    assert arms[-100:].count(0) > 90
+    assert decisions[-1].startswith("batch 8-15 runs with the method (")
+    # A smaller class that pays says nothing about a bigger one: it is measured first.
+    sim.batch = 16
+    arms, _ = sim.run(16, {0: (1.5, 4), 1: (1.5, 1)})
+    assert arms == [0] * 16
