@@ -66,11 +66,11 @@ class PayoffGate:
     Every arm is first measured for ``window`` cycles (the fullest first); then the
     fastest runs. A class bigger than one that runs without the method measures only
     running without it first and takes the others to be as much slower as they were
-    there, until their first burst. Each slower arm is re-measured in a burst of ``window`` cycles, after a
-    wait that doubles while it stays slower (:class:`Backoff`) and that is never so short
-    that bursts cost more than ``max_overhead`` of the time (a burst of an arm twice as
-    slow waits ``window / max_overhead`` cycles): re-measuring a method that loses at 64
-    concurrent costs at most that share.
+    there, until their first burst. Each slower arm is re-measured in a burst of
+    ``window`` cycles, after a wait that doubles while it stays slower (:class:`Backoff`)
+    and that is never so short that bursts cost more than ``max_overhead`` of the time (a
+    burst of an arm twice as slow waits ``window / max_overhead`` cycles): re-measuring a
+    method that loses at 64 concurrent costs at most that share.
 
     Per ``propose``: ``arm = gate.begin(requests)`` (``gate.off``: do not run the method),
     run it, then ``gate.end(arm)`` (``None``: a cycle not to count). ``on_decision`` is
