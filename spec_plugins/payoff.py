@@ -49,9 +49,67 @@ class Backoff:
 IDLE_EXCESS = 4.0
 # What a class runs changes only for an arm this much faster (seconds per token).
 SWITCH_MARGIN = 0.02
+# The running arm's latest window commits this much fewer tokens per request and cycle
+# than when it was chosen: the arms are measured again, together (the method stopped
+# paying). Its seconds per token are no sign: they move with the batch size in a class.
+DRIFT = 0.25
 # The longest wait (cycles of a batch-size class) before an arm that was slower is
 # re-measured (unless its cost bound asks for longer).
 RETRY_CAP = 4096
+
+
+# A timed cycle: (seconds, tokens committed, requests).
+Cycle = tuple[float, int, int]
+
+
+def _median(cycles: Sequence[Cycle]) -> float:
+    return sorted(c[0] for c in cycles)[len(cycles) // 2]
+
+
+def seconds_per_token(cycles: Sequence[Cycle], shortest: float) -> float:
+    """Seconds per committed token over ``cycles``, leaving out those longer than their
+    median by ``IDLE_EXCESS`` times ``shortest`` (a long prefill)."""
+    median = _median(cycles)
+    kept = [(s, t) for s, t, _ in cycles if s - median < IDLE_EXCESS * shortest]
+    return sum(s for s, _ in kept) / max(sum(t for _, t in kept), 1)
+
+
+def tokens_per_request(cycles: Sequence[Cycle]) -> float:
+    """Tokens committed per request and cycle (1 without drafts)."""
+    return sum(c[1] for c in cycles) / max(sum(c[2] for c in cycles), 1)
+
+
+class _Round:
+    """Arms measured together: alternated cycle by cycle until each has ``window``
+    counted cycles, so every arm sees the same batch sizes, requests and moments."""
+
+    def __init__(self, arms: Sequence[int], window: int, drift: bool = False):
+        self.arms, self.window, self.drift = tuple(arms), window, drift
+        self.cycles: dict[int, list[Cycle]] = {a: [] for a in self.arms}
+
+    def next_arm(self) -> int | None:
+        """The arm with the fewest counted cycles (None: the round is over)."""
+        arm = min(self.arms, key=lambda a: len(self.cycles[a]))
+        return arm if len(self.cycles[arm]) < self.window else None
+
+
+class _ClassState:
+    """What one batch-size class knows: what it runs, each arm's seconds per token (from
+    the last round that measured it, or estimated from a smaller class), and when to
+    measure again."""
+
+    def __init__(self, window: int):
+        self.runs: int | None = None
+        self.rates: list[float] = []
+        self.estimated: dict[int, str] = {}      # arm -> " as at batch ..." (not measured)
+        self.round: _Round | None = None
+        self.prior: tuple[int, list[float]] | None = None   # (smaller class, ratios)
+        self.live: deque = deque(maxlen=window)  # the running arm's cycles since its round
+        self.count = 0                           # cycles of this class so far
+        self.waits: dict[int, Backoff] = {}
+        self.due: dict[int, int] = {}            # arm -> cycle count its next round is due
+        self.accepted = 1.0                      # the running arm's, in its round
+        self.drift_every, self.drift_due = window, 0
 
 
 class PayoffGate:
@@ -63,14 +121,21 @@ class PayoffGate:
     with drafts costs beyond its forward (rejection sampling, bookkeeping, a busy
     machine); this gate catches it.
 
-    Every arm is first measured for ``window`` cycles (the fullest first); then the
-    fastest runs. A class bigger than one that runs without the method measures only
-    running without it first and takes the others to be as much slower as they were
-    there, until their first burst. Each slower arm is re-measured in a burst of
-    ``window`` cycles, after a wait that doubles while it stays slower (:class:`Backoff`)
-    and that is never so short that bursts cost more than ``max_overhead`` of the time (a
-    burst of an arm twice as slow waits ``window / max_overhead`` cycles): re-measuring a
-    method that loses at 64 concurrent costs at most that share.
+    Arms are compared only when measured in one *round*: alternated cycle by cycle until
+    each has ``window`` cycles, so both sides of a comparison saw the same batch sizes
+    (a class spans sizes up to 2x apart), the same requests and the same moment; windows
+    measured at different moments disagree by more than what a method gains. A class
+    first measures every arm in one round, then runs the fastest. A class bigger than one
+    that runs without the method measures only running without it and takes the other
+    arms to be as much slower as there (estimated the same way or measured), until they
+    are measured. Each slower arm is measured again, in a round with the arm the class
+    runs, after a wait that doubles while it stays slower (:class:`Backoff`) and that is
+    never so short that its cycles cost more than ``max_overhead`` of the time (an arm
+    twice as slow waits ``window / max_overhead`` cycles): re-measuring a method that
+    loses at 64 concurrent costs at most that share. When the running arm's latest
+    ``window`` cycles commit ``DRIFT`` fewer tokens per request than when it was chosen
+    (the method stopped paying), every arm is measured again at once (a wait that doubles
+    while that changes nothing).
 
     Per ``propose``: ``arm = gate.begin(requests)`` (``gate.off``: do not run the method),
     run it, then ``gate.end(arm)`` (``None``: a cycle not to count). ``on_decision`` is
@@ -78,10 +143,10 @@ class PayoffGate:
 
     Every cycle of a batch-size class counts, prefills and arrivals included: at 32 or 64
     concurrent a request joins or leaves nearly every step, and every arm sees the same
-    mix of prefills per committed token over a window. Not counted: a cycle none of whose
+    mix of prefills per committed token over a round. Not counted: a cycle none of whose
     requests ran in the cycle before (it spans idle time: the server waited for a
     request), and a cycle longer than its arm's typical (median) cycle by more than
-    ``IDLE_EXCESS`` times the class's shortest typical cycle (a long prompt's prefill
+    ``IDLE_EXCESS`` times the round's shortest typical cycle (a long prompt's prefill
     chunk). The excess is measured in the same seconds for every arm, so a prefill that
     one arm drops the others drop too: a bound relative to each arm's own cycle would keep
     more of them in the slower arms."""
@@ -91,15 +156,10 @@ class PayoffGate:
                  on_decision: Callable[[str], None] | None = None):
         self.parts = tuple(parts)
         self.on_decision = on_decision
-        self._best: dict[int, int] = {}                  # class -> arm it runs
         self.off = len(self.parts)          # the last arm: without the method
         self.window, self.max_overhead = window, max_overhead
         self.retry_every = retry_every
-        self.cycles: dict[tuple[int, int], deque] = {}   # (arm, batch class) -> (s, tokens)
-        self._waits: dict[tuple[int, int], Backoff] = {}
-        self._due: dict[tuple[int, int], int] = {}       # (arm, class) -> cycle count due
-        self._count: dict[int, int] = {}                 # class -> cycles so far
-        self._burst: dict[int, tuple[int, int]] = {}     # class -> (arm, cycles left)
+        self._classes: dict[int, _ClassState] = {}
         self._class = 0                                  # this cycle's batch class
         self._ids: set = set()                           # the last cycle's requests
         self._start = 0.0
@@ -113,28 +173,13 @@ class PayoffGate:
     def _bucket(cls, batch: int) -> int:
         return min(batch, cls.MAX_CLASS).bit_length()
 
-    def _rates(self, bucket: int) -> list[float | None]:
-        """Per arm, seconds per token over its window in the class, None until the window
-        is full; cycles that carried a long prefill (see the class docstring) left out."""
-        windows = [self.cycles.get((arm, bucket)) or () for arm in range(self.off + 1)]
-        typical = [sorted(s for s, _ in d)[len(d) // 2] if d else None for d in windows]
-        known = [t for t in typical if t is not None]
-        rates: list[float | None] = []
-        for d, median in zip(windows, typical):
-            if len(d) < self.window:
-                rates.append(None)
-                continue
-            kept = [(s, t) for s, t in d if s - median < IDLE_EXCESS * min(known)]
-            rates.append(sum(s for s, _ in kept) / max(sum(t for _, t in kept), 1))
-        return rates
-
     def begin(self, requests: Sequence[CycleRequest]) -> int:
         now = clock.now()
         ids = {r.req_id for r in requests}
         if self._last is not None and not ids.isdisjoint(self._ids):
             t0, arm, bucket = self._last
-            d = self.cycles.setdefault((arm, bucket), deque(maxlen=self.window))
-            d.append((now - t0, sum(len(r.new_tokens) for r in requests)))
+            self._record(self._classes[bucket], arm, (
+                now - t0, sum(len(r.new_tokens) for r in requests), len(requests)))
         self._start, self._class, self._ids = now, self._bucket(len(requests)), ids
         return self._choose(self._class)
 
@@ -142,80 +187,109 @@ class PayoffGate:
         self._last = None if arm is None else (self._start, arm, self._class)
 
     def forget_drafting(self) -> None:
-        """The drafter changed (e.g. a new layer set): measure its arms afresh."""
-        for (arm, _), d in self.cycles.items():
-            if arm != self.off:
-                d.clear()
-        self._burst.clear()
+        """The drafter changed (e.g. a new layer set): measure every arm afresh."""
+        for c in self._classes.values():
+            c.round, c.prior, c.estimated = _Round(range(self.off + 1), self.window), None, {}
+            c.due.clear()
+
+    @staticmethod
+    def _record(c: _ClassState, arm: int, cycle: Cycle) -> None:
+        if c.round is not None and arm in c.round.cycles:
+            c.round.cycles[arm].append(cycle)
+        elif arm == c.runs:
+            c.live.append(cycle)
 
     def _choose(self, bucket: int) -> int:
-        count = self._count[bucket] = self._count.get(bucket, 0) + 1
-        burst = self._burst.get(bucket)
-        if burst is not None:
-            arm, left = burst
-            if left > 1:
-                self._burst[bucket] = (arm, left - 1)
-            else:
-                del self._burst[bucket]
-            return arm
-        rates = self._rates(bucket)
-        estimated: dict[int, str] = {}      # arm -> " as at batch ..." (not measured here)
-        if None in rates:
-            inherited = self._smaller_without(bucket)
-            if inherited is None:
-                return rates.index(None)    # every arm measured once, the fullest first
-            if rates[self.off] is None:
-                return self.off
+        c = self._classes.get(bucket)
+        if c is None:
+            c = self._classes[bucket] = _ClassState(self.window)
+            c.prior = self._smaller_without(bucket)
             # A smaller batch ran faster without the method: a bigger one (its step more
-            # compute-bound) is taken to lose as much until a burst measures it.
-            smaller, ratios = inherited
-            estimated = {a: f" as at batch {self._size(smaller)}"
-                         for a, r in enumerate(rates) if r is None}
-            rates = [rates[self.off] * ratio if r is None else r
-                     for r, ratio in zip(rates, ratios)]
-        best = min(range(self.off + 1), key=rates.__getitem__)
-        runs = self._best.get(bucket)
+            # compute-bound) is taken to lose as much until a round measures it.
+            arms = [self.off] if c.prior is not None else range(self.off + 1)
+            c.round = _Round(arms, self.window)
+        c.count += 1
+        if c.round is None:
+            arms = [a for a, due in c.due.items() if c.count >= due]
+            if arms:        # a slower arm's wait is over: measure it beside the running one
+                arm = min(arms)
+                del c.due[arm]
+                c.round = _Round(sorted({arm, c.runs}), self.window)
+            elif (len(c.live) == self.window and c.count >= c.drift_due
+                  and tokens_per_request(c.live) * (1 + DRIFT) < c.accepted):
+                c.round = _Round(range(self.off + 1), self.window, drift=True)
+        if c.round is not None:
+            arm = c.round.next_arm()
+            if arm is not None:
+                return arm
+            self._conclude(bucket, c)
+        return c.runs
+
+    def _conclude(self, bucket: int, c: _ClassState) -> None:
+        """A round is over: each arm's rate from it, the decision, when to look again."""
+        done, c.round = c.round, None
+        shortest = min(_median(d) for d in done.cycles.values())
+        measured = {a: seconds_per_token(d, shortest) for a, d in done.cycles.items()}
+        rates = list(c.rates) or [0.0] * (self.off + 1)
+        if c.runs in measured and c.rates:
+            # Arms not in the round keep their ratio to the running arm, measured with it.
+            scale = measured[c.runs] / c.rates[c.runs]
+            rates = [r * scale for r in rates]
+        for a, r in measured.items():
+            rates[a] = r
+            c.estimated.pop(a, None)
+        if c.prior is not None:
+            smaller, ratios = c.prior
+            c.prior = None
+            c.estimated = {a: f" as at batch {self._size(smaller)}"
+                           for a in range(self.off + 1) if a not in measured}
+            for a in c.estimated:
+                rates[a] = rates[self.off] * ratios[a]
+            best = self.off
+        else:
+            best = min(range(self.off + 1), key=rates.__getitem__)
+        runs, c.rates = c.runs, rates
         if runs is not None and rates[runs] <= rates[best] * (1 + SWITCH_MARGIN):
             best = runs     # not measurably slower: keep it (no flapping at break-even)
-        if runs != best:
-            self._best[bucket] = best
-            if self.on_decision is not None:
-                self.on_decision(f"batch {self._size(bucket)} runs {self._arm(best)} ("
-                                 + ", ".join(f"{self._arm(a)} {1 / r:.1f} tok/s"
-                                             + estimated.get(a, "")
-                                             for a, r in enumerate(rates)) + ")")
+        c.accepted = (tokens_per_request(done.cycles[best]) if best in done.cycles
+                      else 1.0)
+        if done.drift:      # look for drift less often while it changes nothing
+            c.drift_every = (self.window if best != runs
+                             else min(2 * c.drift_every, RETRY_CAP))
+            c.drift_due = c.count + c.drift_every
+        c.runs = best
+        c.live.clear()
+        if runs != best and self.on_decision is not None:
+            self.on_decision(f"batch {self._size(bucket)} runs {self._arm(best)} ("
+                             + ", ".join(f"{self._arm(a)} {1 / r:.1f} tok/s"
+                                         + c.estimated.get(a, "")
+                                         for a, r in enumerate(rates)) + ")")
         for arm, rate in enumerate(rates):
-            key = (arm, bucket)
-            wait = self._waits.setdefault(key, Backoff(self.retry_every, cap=RETRY_CAP))
+            wait = c.waits.setdefault(arm, Backoff(self.retry_every, cap=RETRY_CAP))
             if arm == best:
                 wait.paid(True)
-                self._due.pop(key, None)
-                continue
-            if key not in self._due:    # slower since its last burst: when to look again
+                c.due.pop(arm, None)
+            elif arm in measured or arm not in c.due:
                 slower = rate / max(rates[best], 1e-12) - 1
-                self._due[key] = count + max(
+                c.due[arm] = c.count + max(
                     wait.every, int(self.window * slower / self.max_overhead))
                 wait.paid(False)
-            elif count >= self._due[key]:
-                del self._due[key]
-                self._burst[bucket] = (arm, self.window - 1)
-                return arm
-        return best
 
     def _smaller_without(self, bucket: int) -> tuple[int, list[float]] | None:
         """(class, each arm's seconds per token over running without the method) of the
         nearest smaller class that has decided, where that decision is to run without it
-        and every arm there is measured; else None. A method that loses at batch b loses
-        at any bigger batch (each verified draft token costs more of a step the more the
-        step is compute-bound), so a class first reached after such a class starts without
-        the method instead of spending a window on it."""
+        (its rates measured, or estimated the same way from a smaller class); else None.
+        A method that loses at batch b loses at any bigger batch (each verified draft
+        token costs more of a step the more the step is compute-bound), so a class first
+        reached after such a class starts without the method instead of spending cycles
+        on it."""
         for b in range(bucket - 1, 0, -1):
-            if b not in self._best:
+            c = self._classes.get(b)
+            if c is None or c.runs is None:
                 continue
-            rates = self._rates(b)
-            if self._best[b] != self.off or None in rates:
+            if c.runs != self.off:
                 return None
-            return b, [r / rates[self.off] for r in rates]
+            return b, [r / c.rates[self.off] for r in c.rates]
         return None
 
     def _size(self, bucket: int) -> str:
@@ -227,8 +301,8 @@ class PayoffGate:
 
     def describe(self) -> str:
         parts = []
-        for b in sorted({b for _, b in self.cycles}):
-            for arm, spt in enumerate(self._rates(b)):
-                if spt is not None:
+        for b, c in sorted(self._classes.items()):
+            for arm, spt in enumerate(c.rates):
+                if arm not in c.estimated:
                     parts.append(f"batch {self._size(b)} {self._arm(arm)} {1 / spt:.1f} tok/s")
         return "measured: " + (", ".join(parts) or "nothing yet")
