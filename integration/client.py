@@ -112,6 +112,9 @@ def check_aborts_leave_others_intact(url, vanilla, conversations=CONVERSATIONS, 
 
 # Two seeds for sampled requests; seeded outputs differ from greedy ones and between seeds.
 SEEDS = (1234, 4321)
+# Tokens per request of the seeded check: half of MAX_TOKENS, plenty for two seeds to
+# answer apart, and its 19 requests cost half the time.
+SEEDED_TOKENS = 32
 
 
 def check_seeded(url, seeded=None, traffic=CONVERSATIONS, temperature: float = 0.8,
@@ -127,6 +130,7 @@ def check_seeded(url, seeded=None, traffic=CONVERSATIONS, temperature: float = 0
     answer otherwise. The seeds answer differently and neither answer is greedy's.
     ``kw``: more request arguments (SGLang: ``extra_body=SGLANG_IDS``)."""
     seeded = seeded or prompts("chat", 1, start=4)[0]
+    kw.setdefault("max_tokens", SEEDED_TOKENS)
 
     def sample(seed):
         return complete(url, seeded, temperature=temperature, seed=seed, **kw)

@@ -35,7 +35,7 @@ def dflash_server(request, default_model, dflash_drafter):
     log = log_file(f"dflash-{request.param}")
     options, cache = SHAPES[request.param]
     with vllm_server(default_model, DFLASH, {"spec_plugins": {"drafter": dflash_drafter, **options}},
-                     extra=cache, log_path=log) as url:
+                     extra=cache, log_path=log, keep_graph=True) as url:
         yield request.param, url, log
 
 

@@ -68,7 +68,8 @@ def test_full_depth_drafts_accepted_alone_and_equal_vanilla_with_preemption(vani
     KV into slots the scheduler allocated but the target has not computed; the scheduler
     preempts and recomputes requests, and drafts run up to block boundaries (``room``)."""
     spec, extra_cfg = FULL_DEPTH
-    with vllm_server(default_model, spec, extra_cfg, extra=PREEMPTING_CACHE) as url:
+    with vllm_server(default_model, spec, extra_cfg, extra=PREEMPTING_CACHE,
+                     keep_graph=True) as url:
         batch1 = [complete(url, CONVERSATIONS[i], temperature=0) for i in ALONE]
         alone = spec_metrics(url)
         _, outs = run_all(url, alone=())

@@ -30,8 +30,9 @@ TREES_ON = {"spec_plugins": {"tree": True}}
 @pytest.fixture(scope="module", params=sorted(TREE_METHODS))
 def tree_server(request, default_model):
     log = log_file(request.param)
+    # Suffix trees through vLLM's traced forward, recycling's eagerly (conftest.py).
     with vllm_server(default_model, TREE_METHODS[request.param], TREES_ON,
-                     log_path=log) as url:
+                     log_path=log, keep_graph=request.param == "suffix") as url:
         yield request.param, url, log
 
 

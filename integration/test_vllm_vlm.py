@@ -62,7 +62,9 @@ def vlm_server(request, vlm_model):
         extra = {"spec_plugins": {"drafter": request.getfixturevalue("vision_drafter"),
                                   "payoff_gate": False}}
     log = log_file("vlm-" + request.param)
-    with vllm_server(vlm_model, spec, extra, extra=PREEMPTING_CACHE, log_path=log) as url:
+    # dflash reads states the traced forward hands over (conftest.py: keep_graph).
+    with vllm_server(vlm_model, spec, extra, extra=PREEMPTING_CACHE, log_path=log,
+                     keep_graph=request.param.startswith("dflash")) as url:
         yield request.param, url, log
 
 

@@ -55,7 +55,8 @@ def free_port() -> int:
 
 
 def serve_command(model: str, port: int, speculative_config: dict | None = None,
-                  additional_config: dict | None = None, extra: list[str] = ()) -> list[str]:
+                  additional_config: dict | None = None, extra: list[str] = (),
+                  eager: bool = False) -> list[str]:
     cmd = SERVE + [
         "--model", model, "--port", str(port), "--host", "127.0.0.1",
         "--dtype", "float32", "--max-model-len", "4096",
@@ -70,7 +71,15 @@ def serve_command(model: str, port: int, speculative_config: dict | None = None,
         cmd += ["--additional-config", json.dumps(additional_config)]
     if is_multimodal(model) and "--limit-mm-per-prompt" not in extra:
         cmd += IMAGE_LIMIT
+    if eager:
+        cmd.append("--enforce-eager")
     return cmd + list(extra)
+
+
+def tests_run_eager() -> bool:
+    """Whether test servers run the model eagerly (``SPEC_PLUGINS_TEST_EAGER=1``, which
+    integration/conftest.py sets): benchmarks and the demo never do."""
+    return os.environ.get("SPEC_PLUGINS_TEST_EAGER") == "1"
 
 
 def engine_env(extra_path: str | None = None) -> dict[str, str]:
@@ -100,10 +109,15 @@ def log_file(name: str) -> str:
 def vllm_server(model: str, speculative_config: dict | None = None,
                 additional_config: dict | None = None, extra: list[str] = (),
                 timeout: float = 600, log_path: str | None = None,
-                extra_path: str | None = None):
-    """Yield the base URL of a ready server; stop it (and its engine) on exit."""
+                extra_path: str | None = None, keep_graph: bool = False):
+    """Yield the base URL of a ready server; stop it (and its engine) on exit.
+
+    ``keep_graph``: run vLLM's traced forward even where test servers run eagerly
+    (``tests_run_eager``), for methods whose work happens inside it (hidden states
+    captured for a drafter, tree attention, layer-skip KV)."""
     port = free_port()
-    cmd = serve_command(model, port, speculative_config, additional_config, extra)
+    cmd = serve_command(model, port, speculative_config, additional_config, extra,
+                        eager=tests_run_eager() and not keep_graph)
     log = open(log_path, "w") if log_path else tempfile.NamedTemporaryFile(
         "w+", prefix="vllm-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

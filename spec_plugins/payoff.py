@@ -101,7 +101,8 @@ class _ClassState:
     def __init__(self, window: int):
         self.runs: int | None = None
         self.rates: list[float] = []
-        self.estimated: dict[int, str] = {}      # arm -> " as at batch ..." (not measured)
+        self.estimated: set[int] = set()         # arms not measured: taken from `prior`
+        self.estimated_from = 0                  # that smaller class
         self.round: _Round | None = None
         self.prior: tuple[int, list[float]] | None = None   # (smaller class, ratios)
         self.live: deque = deque(maxlen=window)  # the running arm's cycles since its round
@@ -189,7 +190,8 @@ class PayoffGate:
     def forget_drafting(self) -> None:
         """The drafter changed (e.g. a new layer set): measure every arm afresh."""
         for c in self._classes.values():
-            c.round, c.prior, c.estimated = _Round(range(self.off + 1), self.window), None, {}
+            c.round, c.prior = _Round(range(self.off + 1), self.window), None
+            c.estimated.clear()
             c.due.clear()
 
     @staticmethod
@@ -237,12 +239,12 @@ class PayoffGate:
             rates = [r * scale for r in rates]
         for a, r in measured.items():
             rates[a] = r
-            c.estimated.pop(a, None)
+            c.estimated.discard(a)
         if c.prior is not None:
             smaller, ratios = c.prior
             c.prior = None
-            c.estimated = {a: f" as at batch {self._size(smaller)}"
-                           for a in range(self.off + 1) if a not in measured}
+            c.estimated = {a for a in range(self.off + 1) if a not in measured}
+            c.estimated_from = smaller
             for a in c.estimated:
                 rates[a] = rates[self.off] * ratios[a]
             best = self.off
@@ -260,9 +262,10 @@ class PayoffGate:
         c.runs = best
         c.live.clear()
         if runs != best and self.on_decision is not None:
+            source = f" as at batch {self._size(c.estimated_from)}" if c.estimated else ""
             self.on_decision(f"batch {self._size(bucket)} runs {self._arm(best)} ("
                              + ", ".join(f"{self._arm(a)} {1 / r:.1f} tok/s"
-                                         + c.estimated.get(a, "")
+                                         + (source if a in c.estimated else "")
                                          for a, r in enumerate(rates)) + ")")
         for arm, rate in enumerate(rates):
             wait = c.waits.setdefault(arm, Backoff(self.retry_every, cap=RETRY_CAP))
