@@ -53,11 +53,6 @@ SWITCH_MARGIN = 0.02
 # than when it was chosen: the arms are measured again, together (the method stopped
 # paying). Its seconds per token are no sign: they move with the batch size in a class.
 DRIFT = 0.25
-# A round ends before its window once every arm has this many cycles and each arm but
-# the fastest is EARLY_MARGIN slower over them: a method a third slower at 16 concurrent
-# (DEL, measured) costs 4 cycles of that loss to find out, not 16.
-EARLY_CYCLES = 4
-EARLY_MARGIN = 0.2
 # The longest wait (cycles of a batch-size class) before an arm that was slower is
 # re-measured (unless its cost bound asks for longer).
 RETRY_CAP = 4096
@@ -86,8 +81,7 @@ def tokens_per_request(cycles: Sequence[Cycle]) -> float:
 
 class _Round:
     """Arms measured together: alternated cycle by cycle until each has ``window``
-    counted cycles (or fewer, clearly apart), so every arm sees the same batch sizes,
-    requests and moments."""
+    counted cycles, so every arm sees the same batch sizes, requests and moments."""
 
     def __init__(self, arms: Sequence[int], window: int, drift: bool = False):
         self.arms, self.window, self.drift = tuple(arms), window, drift
@@ -96,19 +90,7 @@ class _Round:
     def next_arm(self) -> int | None:
         """The arm with the fewest counted cycles (None: the round is over)."""
         arm = min(self.arms, key=lambda a: len(self.cycles[a]))
-        n = len(self.cycles[arm])
-        if n >= self.window or (n >= EARLY_CYCLES and self._clear()):
-            return None
-        return arm
-
-    def _clear(self) -> bool:
-        """Every arm has as many cycles, and all but the fastest are ``EARLY_MARGIN``
-        slower over them."""
-        if len(self.arms) < 2 or len({len(d) for d in self.cycles.values()}) > 1:
-            return False
-        shortest = min(_median(d) for d in self.cycles.values())
-        rates = sorted(seconds_per_token(d, shortest) for d in self.cycles.values())
-        return rates[1] > rates[0] * (1 + EARLY_MARGIN)
+        return arm if len(self.cycles[arm]) < self.window else None
 
 
 class _ClassState:
@@ -143,10 +125,7 @@ class PayoffGate:
     Arms are compared only when measured in one *round*: alternated cycle by cycle until
     each has ``window`` cycles, so both sides of a comparison saw the same batch sizes
     (a class spans sizes up to 2x apart), the same requests and the same moment; windows
-    measured at different moments disagree by more than what a method gains. A round
-    whose arms are clearly apart ends sooner (``EARLY_CYCLES`` each, all but the fastest
-    ``EARLY_MARGIN`` slower): finding out that a method loses costs its loss over fewer
-    cycles. A class
+    measured at different moments disagree by more than what a method gains. A class
     first measures every arm in one round, then runs the fastest. A class bigger than one
     that runs without the method measures only running without it and takes the other
     arms to be as much slower as there (estimated the same way or measured), until they
