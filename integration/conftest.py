@@ -1,5 +1,8 @@
+import contextlib
+import fcntl
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -20,12 +23,54 @@ os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 # it: ``vllm_server(keep_graph=True)``; they are compared with eager vanilla servers.
 os.environ.setdefault("SPEC_PLUGINS_TEST_EAGER", "1")
 
+# ``scripts/test.sh`` splits the run over one pytest-xdist worker per core, a module at a
+# time (``-n 2 --dist loadfile``). Each worker's engine servers compute on that worker's
+# core (vLLM's and SGLang's own binding variables), so two servers never share one; a
+# vLLM server computes on one core anyway (vLLM keeps the other for its front end).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    _cpus = sorted(os.sched_getaffinity(0))
+    _core = str(_cpus[int(WORKER.removeprefix("gw")) % len(_cpus)])
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _core)
+    os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _core)
+
+
+def pytest_collection_modifyitems(items):
+    """Split runs start with the end-to-end modules, so the many short unit-test modules
+    fill in at the end and both workers finish together."""
+    if WORKER:
+        items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+@contextlib.contextmanager
+def _run_lock(tmp_path_factory, name: str):
+    """An exclusive lock shared by this run's workers (their temporary directories share
+    a parent); yields that shared directory."""
+    root = tmp_path_factory.getbasetemp()
+    if WORKER:
+        root = root.parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield root
+
+
+def once_per_run(tmp_path_factory, name: str, build):
+    """A session fixture's value built once per run, however many workers ask: the first
+    builds it (the others wait), the others load what it stored."""
+    with _run_lock(tmp_path_factory, name) as root:
+        stored = root / f"{name}.pickle"
+        if stored.exists():
+            return pickle.loads(stored.read_bytes())
+        value = build()
+        stored.write_bytes(pickle.dumps(value))
+        return value
+
 
 @pytest.fixture(scope="session")
-def default_model() -> str:
+def default_model(tmp_path_factory) -> str:
     from spec_plugins.tools.default_model import build
 
-    return str(build())
+    return once_per_run(tmp_path_factory, "default-model", lambda: str(build()))
 
 
 # The VLM testbed's size in the end-to-end tests: answers depend on the image, do not
@@ -34,28 +79,32 @@ VLM_ALIGN_STEPS = 40
 
 
 @pytest.fixture(scope="session")
-def vlm_model() -> str:
+def vlm_model(tmp_path_factory) -> str:
     from spec_plugins.tools.vlm.cli import build
 
-    return str(build(steps=VLM_ALIGN_STEPS, caption_steps=0))
+    return once_per_run(tmp_path_factory, "vlm-model",
+                        lambda: str(build(steps=VLM_ALIGN_STEPS, caption_steps=0)))
 
 
 @pytest.fixture(scope="session")
-def vanilla(default_model):
+def vanilla(default_model, tmp_path_factory):
     """A vanilla server's greedy outputs (batch 1, 8 concurrent) and one logit-biased
     output, shared by every end-to-end module."""
     from integration.client import CONVERSATIONS, banned_token, complete, run_all
     from integration.vllm_server import vllm_server
 
-    with vllm_server(default_model) as url:
-        batch1, batch8 = run_all(url)
-        ban = banned_token(batch1[0])
-        biased = complete(url, CONVERSATIONS[0], temperature=0, logit_bias={str(ban): -100})
-    return batch1, batch8, biased
+    def serve():
+        with vllm_server(default_model) as url:
+            batch1, batch8 = run_all(url)
+            ban = banned_token(batch1[0])
+            biased = complete(url, CONVERSATIONS[0], temperature=0,
+                              logit_bias={str(ban): -100})
+        return batch1, batch8, biased
+    return once_per_run(tmp_path_factory, "vllm-vanilla", serve)
 
 
 @pytest.fixture(scope="session")
-def sglang_vanilla(default_model):
+def sglang_vanilla(default_model, tmp_path_factory):
     """SGLang's own greedy outputs without speculation (batch 1, 8 concurrent), shared by
     the SGLang end-to-end modules."""
     from integration.client import SGLANG_IDS, run_all
@@ -63,8 +112,11 @@ def sglang_vanilla(default_model):
 
     if sglang_available() is not None:
         pytest.skip(sglang_available())
-    with sglang_server(default_model, SMALL_POOL) as url:
-        return run_all(url, extra_body=SGLANG_IDS)
+
+    def serve():
+        with sglang_server(default_model, SMALL_POOL) as url:
+            return run_all(url, extra_body=SGLANG_IDS)
+    return once_per_run(tmp_path_factory, "sglang-vanilla", serve)
 
 
 # CI-sized drafter training: local prompts only, small data, one draft layer, a few dozen
@@ -81,13 +133,15 @@ def dflash_drafter(default_model, tmp_path_factory):
     fine: every path must keep outputs exact), shared by the vLLM and SGLang tests."""
     from integration.vllm_server import engine_env
 
-    out = tmp_path_factory.mktemp("dflash-drafter")
-    p = subprocess.run([sys.executable, "-m", "spec_plugins.tools.train_drafter", "--model",
-                        default_model, "--out", str(out), *CI_TRAINING],
-                       capture_output=True, text=True, timeout=1200, env=engine_env())
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert (out / "config.json").is_file()
-    return str(out)
+    def train():
+        out = tmp_path_factory.mktemp("dflash-drafter")
+        p = subprocess.run([sys.executable, "-m", "spec_plugins.tools.train_drafter",
+                            "--model", default_model, "--out", str(out), *CI_TRAINING],
+                           capture_output=True, text=True, timeout=1200, env=engine_env())
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        assert (out / "config.json").is_file()
+        return str(out)
+    return once_per_run(tmp_path_factory, "dflash-drafter", train)
 
 
 @pytest.fixture(scope="session")

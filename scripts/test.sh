@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup-sglang.sh
-exec .venv/bin/python -m pytest -ra --durations=30 "$@"
+# Two workers, one per core, a module at a time (integration/conftest.py pins each
+# worker's servers to its core and builds the shared fixtures once); `-n 0` runs serially.
+exec .venv/bin/python -m pytest -ra --durations=30 -n "$(( $(nproc) < 2 ? 1 : 2 ))" \
+  --dist loadfile --no-loadscope-reorder "$@"
