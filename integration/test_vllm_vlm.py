@@ -68,9 +68,20 @@ def vlm_server(request, vlm_model):
         yield request.param, url, log
 
 
+# Whether image requests preempt depends on how their admission interleaves with decoding
+# (the front end prepares the images on the same CPU, beside the other test worker): one
+# fresh-clone run admitted them two at a time and nothing was preempted. The concurrent
+# batch is then sent again, equal to vanilla's each time, at most this many times more.
+PREEMPTION_RETRIES = 2
+
+
 def test_image_requests_greedy_equal_vanilla_alone_and_preempted(vlm_vanilla, vlm_server):
     name, url, log = vlm_server
     check_greedy_equal(url, vlm_vanilla, name, CONVS, alone=ALONE)
+    for attempt in range(PREEMPTION_RETRIES):
+        if counter(url, "vllm:num_preemptions_total") > 0:
+            break
+        check_greedy_equal(url, vlm_vanilla, f"{name}, again ({attempt + 1})", CONVS, alone=())
     assert counter(url, "vllm:num_preemptions_total") > 0, "nothing was preempted"
     m = spec_metrics(url)
     assert m.get("num_drafts", 0) > 0, f"{name} drafted nothing on image requests"
