@@ -1,4 +1,3 @@
-import contextlib
 import fcntl
 import json
 import os
@@ -42,22 +41,15 @@ def pytest_collection_modifyitems(items):
         items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
-@contextlib.contextmanager
-def _run_lock(tmp_path_factory, name: str):
-    """An exclusive lock shared by this run's workers (their temporary directories share
-    a parent); yields that shared directory."""
+def once_per_run(tmp_path_factory, name: str, build):
+    """A session fixture's value built once per run, however many workers ask: under a
+    lock in the directory the workers' temporary directories share, the first builds and
+    stores it, the others load it."""
     root = tmp_path_factory.getbasetemp()
     if WORKER:
         root = root.parent
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield root
-
-
-def once_per_run(tmp_path_factory, name: str, build):
-    """A session fixture's value built once per run, however many workers ask: the first
-    builds it (the others wait), the others load what it stored."""
-    with _run_lock(tmp_path_factory, name) as root:
         stored = root / f"{name}.pickle"
         if stored.exists():
             return pickle.loads(stored.read_bytes())
